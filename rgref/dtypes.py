@@ -27,7 +27,7 @@ def float32_to_bfloat16(values: np.ndarray) -> np.ndarray:
 
     This is the rounding PyTorch and JAX use. NaN stays NaN (a quiet NaN).
     """
-    values = np.ascontiguousarray(values, dtype=np.float32)
+    values = np.asarray(values, dtype=np.float32, order="C")
     bits = values.view(np.uint32)
     rounding_bias = ((bits >> 16) & 1) + np.uint32(0x7FFF)
     rounded = ((bits + rounding_bias) >> 16).astype(np.uint16)

@@ -1,0 +1,26 @@
+# rgref: a menu of the common jobs. Run `make help` to list them.
+
+PYTHON ?= python3
+# The official implementation lives in its own virtual environment because it
+# needs PyTorch, JAX and numpy < 2.4; the package and its tests never use it.
+REF_VENV ?= .venv-ref
+REF_PYTHON = $(REF_VENV)/bin/python
+
+.PHONY: help setup test golden tools-env
+
+help:  ## List the targets.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+setup:  ## Install rgref in editable mode with its test tools.
+	$(PYTHON) -m pip install -e '.[test]'
+
+test:  ## Run the test suite (the same command CI runs).
+	$(PYTHON) -m pytest -q tests
+
+tools-env:  ## Create $(REF_VENV) with the official recurrentgemma (tools only).
+	$(PYTHON) -m venv $(REF_VENV)
+	$(REF_PYTHON) -m pip install torch==2.13.0
+	$(REF_PYTHON) -m pip install recurrentgemma==1.0.1 jax flax sentencepiece safetensors
+
+golden:  ## Re-export tests/golden from the official implementation (needs tools-env).
+	$(REF_PYTHON) tools/export_golden.py --out tests/golden

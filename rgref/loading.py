@@ -1,0 +1,164 @@
+"""Load a RecurrentGemma checkpoint from disk into a `Model`.
+
+Accepted layouts:
+
+- A Hugging Face directory: `config.json` plus `model.safetensors`, or shards
+  `model-0000N-of-0000M.safetensors` listed in `model.safetensors.index.json`.
+- A safetensors file (or a directory holding one) whose tensors use the
+  official `recurrentgemma` names (`blocks.N...`), with `config.json` beside it.
+
+Tensors are memory-mapped and kept in their stored dtype (float32, float16 or
+bfloat16); the model widens each weight when it uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+
+from rgref import names
+from rgref.config import Config, ConfigError
+from rgref.model import Model
+from rgref.safetensors_file import SafetensorsError, load_safetensors
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: missing files, wrong tensors, bad config."""
+
+
+def load(path: str | os.PathLike, dtype=np.float32) -> Model:
+    """Load a checkpoint directory or safetensors file as a `Model`.
+
+    Args:
+      path: a Hugging Face layout directory, or a `.safetensors` file with
+        `config.json` in the same directory.
+      dtype: compute dtype, np.float32 (default) or np.float64.
+
+    Raises:
+      CheckpointError: naming the file and the problem, e.g. a tensor with the
+        wrong shape, a missing shard, or a config.json that contradicts the
+        weights.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+
+    config = _read_config(directory)
+    if os.path.isdir(path):
+        tensors, origin = _read_directory(path)
+    else:
+        tensors, origin = _read_safetensors(path), {}
+
+    if names.is_official_layout(tensors):
+        try:
+            tensors = names.official_to_hf(tensors)
+        except KeyError as e:
+            raise CheckpointError(f"{path}: {e.args[0]}") from None
+    tensors = _drop_tied_head(tensors, path)
+    check_tensors(config, tensors, origin, default_file=path)
+    return Model(config, tensors, dtype=dtype)
+
+
+def _read_config(directory: str) -> Config:
+    config_path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{directory} has no {CONFIG_FILE}; a RecurrentGemma checkpoint "
+                              "directory needs one (Hugging Face layout)")
+    try:
+        return Config.from_json_file(config_path)
+    except (ConfigError, OSError) as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    try:
+        return load_safetensors(path)
+    except (SafetensorsError, OSError) as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _read_directory(directory: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Read every tensor of a directory; also return which file each came from."""
+    index_path = os.path.join(directory, INDEX_FILE)
+    single_path = os.path.join(directory, SINGLE_FILE)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path} is not a valid safetensors index "
+                                  f"(needs a 'weight_map' object): {e}") from None
+        tensors: dict[str, np.ndarray] = {}
+        origin: dict[str, str] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = os.path.join(directory, shard)
+            if not os.path.isfile(shard_path):
+                listed = [n for n, s in weight_map.items() if s == shard]
+                raise CheckpointError(f"{index_path} lists shard {shard} (for {listed[0]} and "
+                                      f"{len(listed) - 1} more tensors) but {shard_path} does "
+                                      "not exist; download the missing shard")
+            for name, value in _read_safetensors(shard_path).items():
+                tensors[name] = value
+                origin[name] = shard_path
+        for name, shard in weight_map.items():
+            if name not in tensors:
+                raise CheckpointError(f"{index_path} maps tensor {name} to {shard}, but that "
+                                      "file does not contain it")
+        return tensors, origin
+    if os.path.isfile(single_path):
+        tensors = _read_safetensors(single_path)
+        return tensors, {name: single_path for name in tensors}
+    candidates = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if len(candidates) == 1:
+        only = os.path.join(directory, candidates[0])
+        tensors = _read_safetensors(only)
+        return tensors, {name: only for name in tensors}
+    raise CheckpointError(f"{directory} has no {SINGLE_FILE} or {INDEX_FILE}"
+                          + (f" (found {', '.join(candidates)}; pass one file as the path)"
+                             if candidates else ""))
+
+
+def _drop_tied_head(tensors: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+    """Drop an `lm_head.weight` that some exports write: the output layer is tied."""
+    head = tensors.pop(names.TIED_LM_HEAD, None)
+    if head is not None and names.EMBEDDING in tensors:
+        if head.shape != tensors[names.EMBEDDING].shape:
+            raise CheckpointError(f"{path}: {names.TIED_LM_HEAD} has shape {head.shape} but "
+                                  f"the embedding has {tensors[names.EMBEDDING].shape}; "
+                                  "RecurrentGemma ties the output layer to the embedding")
+        logger.debug("ignoring %s: the output layer is tied to the embedding",
+                     names.TIED_LM_HEAD)
+    return tensors
+
+
+def check_tensors(config: Config, tensors: dict[str, np.ndarray], origin: dict[str, str],
+                  default_file: str) -> None:
+    """Raise CheckpointError naming the first missing, unexpected or misshapen tensor."""
+    expected = names.expected_shapes(config)
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise CheckpointError(f"{default_file}: tensor {name} (shape {shape}) is missing; "
+                                  "is this a RecurrentGemma checkpoint matching its "
+                                  "config.json?")
+    for name, value in tensors.items():
+        where = origin.get(name, default_file)
+        if name not in expected:
+            raise CheckpointError(f"{where}: unexpected tensor {name} with shape "
+                                  f"{tuple(value.shape)}; the config.json describes a "
+                                  f"different model")
+        if tuple(value.shape) != expected[name]:
+            raise CheckpointError(f"{where}: tensor {name} has shape {tuple(value.shape)}, "
+                                  f"expected {expected[name]} from config.json")
+        if value.dtype not in (np.float32, np.float16, np.float64, np.uint16):
+            raise CheckpointError(f"{where}: tensor {name} has dtype {value.dtype}; expected "
+                                  "float32, float16 or bfloat16")

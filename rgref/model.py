@@ -1,0 +1,394 @@
+"""The RecurrentGemma model: residual blocks, the decoding cache and `Model.forward`.
+
+The math of each layer lives in `rgref.layers`; this module wires the layers
+together in the order the official `recurrentgemma` Griffin model does:
+
+    x = embed(tokens)                                   # scaled by bf16(sqrt(D))
+    for each residual block:
+        h = x + temporal_block(rms_norm(x))             # recurrent or local attention
+        x = h + mlp_block(rms_norm(h))
+    logits = soft_cap(rms_norm(x) @ embedding^T)
+
+Notation (B, T, D, E, H, K, S, V, W) as in `rgref.layers`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Mapping
+
+import numpy as np
+
+from rgref import layers
+from rgref.config import ATTENTION, RECURRENT, Config
+from rgref.dtypes import is_bfloat16, to_compute_dtype
+from rgref.names import EMBEDDING, FINAL_NORM, block_prefix, expected_shapes
+
+COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# Rows of a bfloat16 embedding table widened at a time for the output logits,
+# so a 256000 x 2560 table never exists as float32 (2.6 GB) all at once.
+UNEMBED_ROWS = 16_384
+
+
+# =============================================================================
+# Cache
+# =============================================================================
+
+@dataclasses.dataclass
+class RecurrentState:
+    """Decoding state of a recurrent block."""
+
+    rg_lru_state: np.ndarray   # (B, E) h after the last token, float32 (float64 mode: float64)
+    conv1d_state: np.ndarray   # (B, W-1, E) the last W-1 Conv1D inputs, oldest first
+
+
+@dataclasses.dataclass
+class AttentionState:
+    """Keys and values of the last S tokens of an attention block, in a ring buffer.
+
+    The token with stream index i (counting every token fed to this cache,
+    padding included) lives in slot i % S, so once more than S tokens have been
+    seen each new token overwrites the one S steps older: the oldest key a
+    query may still attend to is exactly S steps back.
+    """
+
+    keys: np.ndarray           # (B, S, K) rotated keys
+    values: np.ndarray         # (B, S, K)
+    docs: np.ndarray           # (B, S) document id of each slot's token
+
+
+@dataclasses.dataclass
+class Cache:
+    """Everything `Model.forward` needs to continue a batch of sequences.
+
+    `forward` updates the cache it is given in place and returns it; call
+    `copy()` first to branch a conversation.
+    """
+
+    num_tokens: int                # tokens seen per row so far, padding included
+    last_segment_pos: np.ndarray   # (B,) segment_pos of the last token (-1 before any)
+    num_documents: np.ndarray      # (B,) documents started so far (tokens with segment_pos 0)
+    recent_segment_pos: np.ndarray  # (B, W-1) segment_pos of the last W-1 tokens
+    blocks: list                   # one RecurrentState or AttentionState per block
+
+    @property
+    def batch_size(self) -> int:
+        return self.last_segment_pos.shape[0]
+
+    def copy(self) -> "Cache":
+        """Return an independent copy (arrays included)."""
+        return copy.deepcopy(self)
+
+
+# =============================================================================
+# Model
+# =============================================================================
+
+class Model:
+    """A RecurrentGemma model: a config plus its parameters under Hugging Face names.
+
+    Parameters may be float32, float64, float16 or bfloat16 (uint16 bits; see
+    `rgref.dtypes`) and may be memory-mapped; they are widened to the compute
+    dtype (float32 by default, or float64) one weight at a time as used.
+    """
+
+    def __init__(self, config: Config, params: Mapping[str, np.ndarray],
+                 dtype=np.float32):
+        dtype = np.dtype(dtype)
+        if dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute dtype must be float32 or float64, got {dtype}")
+        self.config = config
+        self.dtype = dtype
+        self.params = dict(params)
+        _check_params(config, self.params)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model(width={c.width}, blocks={c.num_blocks}, vocab={c.vocab_size}, "
+                f"dtype={self.dtype})")
+
+    def _weight(self, name: str) -> np.ndarray:
+        return to_compute_dtype(self.params[name], self.dtype)
+
+    # ---------------------------------------------------------------- cache
+
+    def init_cache(self, batch_size: int) -> Cache:
+        """Return an empty cache for `batch_size` sequences."""
+        c = self.config
+        state_dtype = self.dtype
+        blocks: list = []
+        for kind in c.block_types:
+            if kind == RECURRENT:
+                blocks.append(RecurrentState(
+                    rg_lru_state=np.zeros((batch_size, c.lru_width), state_dtype),
+                    conv1d_state=np.zeros((batch_size, c.conv1d_width - 1, c.lru_width),
+                                          self.dtype)))
+            else:
+                shape = (batch_size, c.attention_window, c.head_dim)
+                blocks.append(AttentionState(
+                    keys=np.zeros(shape, self.dtype), values=np.zeros(shape, self.dtype),
+                    docs=np.zeros((batch_size, c.attention_window), np.int64)))
+        return Cache(
+            num_tokens=0,
+            last_segment_pos=np.full((batch_size,), -1, np.int64),
+            num_documents=np.zeros((batch_size,), np.int64),
+            # Before the sequence the Conv1D sees zeros, which need no document mask.
+            recent_segment_pos=np.ones((batch_size, c.conv1d_width - 1), np.int64),
+            blocks=blocks)
+
+    # -------------------------------------------------------------- forward
+
+    def forward(self, tokens, segment_pos=None, cache: Cache | None = None, *,
+                return_intermediates: bool = False):
+        """Run the model over a chunk of tokens for a batch of sequences.
+
+        Args:
+          tokens: integer array (B, T) of token ids.
+          segment_pos: integer array (B, T): each token's position within its
+            document, 0 at a document start, -1 for left padding. Defaults to
+            0, 1, ... for a new cache, or continuing each row's last position.
+          cache: None to start new sequences, or the cache a previous call
+            returned, to continue them with a chunk of any length T >= 1.
+          return_intermediates: also return a dict of named activations
+            (see `INTERMEDIATE_NAMES`).
+
+        Returns:
+          (logits, cache), or (logits, cache, intermediates): logits (B, T, V)
+          in the compute dtype; the cache, updated in place when one was given.
+        """
+        tokens, segment_pos = self._check_inputs(tokens, segment_pos, cache)
+        if cache is None:
+            cache = self.init_cache(tokens.shape[0])
+        record: dict | None = {} if return_intermediates else None
+        c = self.config
+
+        # Document ids count document starts along each row, continuing the cache's
+        # count, so attention never mixes packed documents or padding and text.
+        docs = cache.num_documents[:, None] + np.cumsum(segment_pos == 0, axis=1)  # (B, T)
+
+        x = layers.embed(tokens, self.params[EMBEDDING], c.embeddings_scale_by_sqrt_dim)
+        x = to_compute_dtype(x, self.dtype)                             # (B, T, D)
+        _put(record, "embeddings", x)
+
+        for i, kind in enumerate(c.block_types):
+            block_record = None if record is None else {}
+            x = self._residual_block(i, kind, x, segment_pos, docs, cache, block_record)
+            if record is not None:
+                record.update({f"blocks.{i}.{k}": v for k, v in block_record.items()})
+
+        x = layers.rms_norm(x, self._weight(FINAL_NORM), c.rms_norm_eps)
+        _put(record, "final_norm", x)
+        logits = self._unembed(x)                                       # (B, T, V)
+        _put(record, "logits_before_soft_cap", logits)
+        logits = layers.soft_cap(logits, c.logits_soft_cap)
+
+        self._advance_cache(cache, segment_pos, docs)
+        if return_intermediates:
+            return logits, cache, record
+        return logits, cache
+
+    __call__ = forward
+
+    # ------------------------------------------------------- residual block
+
+    def _residual_block(self, i: int, kind: str, x, segment_pos, docs, cache: Cache,
+                        record: dict | None) -> np.ndarray:
+        """h = x + temporal(rms_norm(x)); out = h + mlp(rms_norm(h))."""
+        p = block_prefix(i)
+        eps = self.config.rms_norm_eps
+        _put(record, "input", x)
+
+        normed = layers.rms_norm(x, self._weight(p + "temporal_pre_norm.weight"), eps)
+        _put(record, "temporal_pre_norm", normed)
+        if kind == RECURRENT:
+            temporal = self._recurrent_block(p + "temporal_block.", normed, segment_pos,
+                                             cache, cache.blocks[i], record)
+        else:
+            temporal = self._attention_block(p + "temporal_block.", normed, segment_pos,
+                                             docs, cache, cache.blocks[i], record)
+        _put(record, "temporal_block", temporal)
+        h = x + temporal
+        _put(record, "residual", h)
+
+        normed = layers.rms_norm(h, self._weight(p + "channel_pre_norm.weight"), eps)
+        _put(record, "channel_pre_norm", normed)
+        m = p + "mlp_block."
+        mlp = layers.mlp_block(
+            normed, self._weight(m + "gate_proj.weight"), self._weight(m + "gate_proj.bias"),
+            self._weight(m + "up_proj.weight"), self._weight(m + "up_proj.bias"),
+            self._weight(m + "down_proj.weight"), self._weight(m + "down_proj.bias"), record)
+        _put(record, "mlp_block", mlp)
+        out = h + mlp
+        _put(record, "output", out)
+        return out
+
+    def _recurrent_block(self, p: str, x, segment_pos, cache: Cache, state: RecurrentState,
+                         record: dict | None) -> np.ndarray:
+        """linear_out(rg_lru(conv1d(linear_x(x))) * gelu(linear_y(x))): (B, T, D) -> same."""
+        y = layers.gelu_tanh(layers.linear(x, self._weight(p + "linear_y.weight"),
+                                           self._weight(p + "linear_y.bias")))  # (B, T, E)
+        _put(record, "linear_y", y)
+        x = layers.linear(x, self._weight(p + "linear_x.weight"),
+                          self._weight(p + "linear_x.bias"))              # (B, T, E)
+        _put(record, "linear_x", x)
+
+        conv_input = x
+        x = layers.conv1d(x, segment_pos, self._weight(p + "conv_1d.weight"),
+                          self._weight(p + "conv_1d.bias"),
+                          state.conv1d_state, cache.recent_segment_pos)
+        _put(record, "conv1d", x)
+
+        x, state.rg_lru_state = layers.rg_lru(
+            x, segment_pos, self._weight(p + "rg_lru.recurrent_param"),
+            self._weight(p + "rg_lru.input_gate_weight"),
+            self._weight(p + "rg_lru.input_gate_bias"),
+            self._weight(p + "rg_lru.recurrent_gate_weight"),
+            self._weight(p + "rg_lru.recurrent_gate_bias"),
+            h0=state.rg_lru_state, record=record)
+        state.conv1d_state = _last_steps(state.conv1d_state, conv_input)
+
+        return layers.linear(x * y, self._weight(p + "linear_out.weight"),
+                             self._weight(p + "linear_out.bias"))
+
+    def _attention_block(self, p: str, x, segment_pos, docs, cache: Cache,
+                         state: AttentionState, record: dict | None) -> np.ndarray:
+        """Local multi-query attention with RoPE: (B, T, D) -> (B, T, D)."""
+        c = self.config
+        B, T, _ = x.shape
+        S, H, K = c.attention_window, c.num_heads, c.head_dim
+
+        queries = layers.linear(x, self._weight(p + "q_proj.weight")).reshape(B, T, H, K)
+        keys = layers.linear(x, self._weight(p + "k_proj.weight")).reshape(B, T, 1, K)
+        values = layers.linear(x, self._weight(p + "v_proj.weight"))    # (B, T, K)
+        queries = layers.apply_rope(queries, segment_pos, c.rope_max_wavelength)
+        keys = layers.apply_rope(keys, segment_pos, c.rope_max_wavelength)[:, :, 0]  # (B, T, K)
+        _put(record, "queries", queries)
+        _put(record, "keys", keys)
+        _put(record, "values", values)
+
+        # The S tokens before this chunk, oldest first: stream index n - S + j
+        # is in ring slot (n + j) % S, and does not exist when negative.
+        n = cache.num_tokens
+        order = (n + np.arange(S)) % S
+        key_valid = np.concatenate([np.broadcast_to(n - S + np.arange(S) >= 0, (B, S)),
+                                    np.ones((B, T), bool)], axis=1)    # (B, S + T)
+        all_keys = np.concatenate([state.keys[:, order], keys], axis=1)  # (B, S + T, K)
+        all_values = np.concatenate([state.values[:, order], values], axis=1)
+        all_docs = np.concatenate([state.docs[:, order], docs], axis=1)
+
+        encoded = layers.local_attention(queries, all_keys, all_values, key_valid, docs,
+                                         all_docs, S)                   # (B, T, H, K)
+        _put(record, "attention", encoded.reshape(B, T, H * K))
+
+        # Store the last min(T, S) tokens in their ring slots.
+        kept = min(T, S)
+        slots = (n + T - kept + np.arange(kept)) % S
+        state.keys[:, slots] = keys[:, T - kept:]
+        state.values[:, slots] = values[:, T - kept:]
+        state.docs[:, slots] = docs[:, T - kept:]
+
+        return layers.linear(encoded.reshape(B, T, H * K), self._weight(p + "o_proj.weight"),
+                             self._weight(p + "o_proj.bias"))
+
+    # ---------------------------------------------------------------- output
+
+    def _unembed(self, x: np.ndarray) -> np.ndarray:
+        table = self.params[EMBEDDING]
+        if table.dtype == self.dtype:
+            return layers.unembed(x, table)
+        logits = np.empty(x.shape[:-1] + (table.shape[0],), self.dtype)
+        for start in range(0, table.shape[0], UNEMBED_ROWS):
+            rows = to_compute_dtype(table[start:start + UNEMBED_ROWS], self.dtype)
+            logits[..., start:start + rows.shape[0]] = layers.unembed(x, rows)
+        return logits
+
+    # ------------------------------------------------------------ bookkeeping
+
+    def _advance_cache(self, cache: Cache, segment_pos: np.ndarray, docs: np.ndarray) -> None:
+        cache.num_tokens += segment_pos.shape[1]
+        cache.last_segment_pos = segment_pos[:, -1].astype(np.int64)
+        cache.num_documents = docs[:, -1].astype(np.int64)
+        cache.recent_segment_pos = _last_steps(cache.recent_segment_pos,
+                                               segment_pos.astype(np.int64))
+
+    def _check_inputs(self, tokens, segment_pos, cache: Cache | None):
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"tokens must be an integer array of shape [batch, time], got "
+                             f"{tokens.dtype} array of shape {tokens.shape}")
+        B, T = tokens.shape
+        if B == 0 or T == 0:
+            raise ValueError(f"tokens has shape {tokens.shape}: need at least one sequence "
+                             "and one token")
+        V = self.config.vocab_size
+        outside = (tokens < 0) | (tokens >= V)
+        if outside.any():
+            where = tuple(int(i) for i in np.argwhere(outside)[0])
+            raise ValueError(f"token id {int(tokens[where])} at index {list(where)} is outside "
+                             f"the vocabulary [0, {V})")
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"tokens have batch size {B} but the cache was built for "
+                             f"{cache.batch_size}")
+
+        if segment_pos is None:
+            start = np.zeros((B,), np.int64) if cache is None else cache.last_segment_pos + 1
+            segment_pos = np.maximum(start, 0)[:, None] + np.arange(T)
+        segment_pos = np.asarray(segment_pos)
+        if segment_pos.shape != tokens.shape or not np.issubdtype(segment_pos.dtype,
+                                                                  np.integer):
+            raise ValueError(f"segment_pos must be an integer array shaped like tokens "
+                             f"{tokens.shape}, got {segment_pos.dtype} array of shape "
+                             f"{segment_pos.shape}")
+        if (segment_pos < -1).any():
+            where = tuple(int(i) for i in np.argwhere(segment_pos < -1)[0])
+            raise ValueError(f"segment_pos {int(segment_pos[where])} at index {list(where)} is "
+                             "invalid: positions are >= 0, or -1 for left padding")
+        return tokens.astype(np.int64), segment_pos.astype(np.int64)
+
+
+# Names `forward(..., return_intermediates=True)` returns, per block i as
+# "blocks.{i}.<name>" and once for the whole model.
+INTERMEDIATE_NAMES = {
+    "model": ("embeddings", "final_norm", "logits_before_soft_cap"),
+    "block": ("input", "temporal_pre_norm", "temporal_block", "residual",
+              "channel_pre_norm", "mlp.hidden", "mlp_block", "output"),
+    RECURRENT: ("linear_y", "linear_x", "conv1d", "rg_lru.gate_x", "rg_lru.gate_a",
+                "rg_lru.a", "rg_lru.output"),
+    ATTENTION: ("queries", "keys", "values", "attention"),
+}
+
+
+def _put(record: dict | None, name: str, value: np.ndarray) -> None:
+    if record is not None:
+        record[name] = value
+
+
+def _last_steps(history: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """The last `history.shape[1]` steps of history followed by new, along axis 1."""
+    keep = history.shape[1]
+    return np.concatenate([history, new.astype(history.dtype)], axis=1)[:, -keep:].copy()
+
+
+def _check_params(config: Config, params: Mapping[str, np.ndarray]) -> None:
+    """Raise ValueError naming each missing, unexpected or misshapen tensor."""
+    expected = expected_shapes(config)
+    missing = [n for n in expected if n not in params]
+    unexpected = [n for n in params if n not in expected]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:5])}"
+                        + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected[:5])}"
+                        + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
+    for name, shape in expected.items():
+        if name in params and tuple(params[name].shape) != shape:
+            problems.append(f"tensor {name} has shape {tuple(params[name].shape)}, "
+                            f"expected {shape}")
+    for name, value in params.items():
+        if name in expected and not (is_bfloat16(value) or value.dtype in (
+                np.float16, np.float32, np.float64)):
+            problems.append(f"tensor {name} has dtype {value.dtype}, expected a float type")
+    if problems:
+        raise ValueError("parameters do not match the config: " + "; ".join(problems))
