@@ -167,8 +167,11 @@ class Model:
         # count, so attention never mixes packed documents or padding and text.
         docs = cache.num_documents[:, None] + np.cumsum(segment_pos == 0, axis=1)  # (B, T)
 
-        x = layers.embed(tokens, self.params[EMBEDDING], c.embeddings_scale_by_sqrt_dim)
-        x = to_compute_dtype(x, self.dtype)                             # (B, T, D)
+        # Widen only the rows in use: the table may be a bfloat16 memory map.
+        ids, index = np.unique(tokens, return_inverse=True)
+        rows = to_compute_dtype(self.params[EMBEDDING][ids], self.dtype)
+        x = layers.embed(index.reshape(tokens.shape), rows,
+                         c.embeddings_scale_by_sqrt_dim)                # (B, T, D)
         _put(record, "embeddings", x)
 
         for i, kind in enumerate(c.block_types):

@@ -1,0 +1,225 @@
+"""rgref.load on every supported layout, and its errors on broken checkpoints."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+import rgref
+from rgref.config import Config
+from rgref.dtypes import bfloat16_to_float32, float32_to_bfloat16
+from rgref.loading import CheckpointError
+from rgref.random_model import random_model
+from rgref.saving import save
+
+CONFIG = Config(vocab_size=53, width=16, mlp_width=24, num_heads=2, lru_width=16,
+                block_types=("recurrent", "recurrent", "attention"), attention_window=4)
+TOKENS = np.array([[1, 5, 9, 2, 33, 7, 7, 0, 52, 11]])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(CONFIG, seed=11)
+
+
+@pytest.fixture
+def saved(model, tmp_path):
+    save(model, tmp_path)
+    return tmp_path
+
+
+def logits_of(model):
+    return model.forward(TOKENS)[0]
+
+
+def test_load_huggingface_directory(model, saved):
+    loaded = rgref.load(saved)
+    assert loaded.config == CONFIG
+    np.testing.assert_array_equal(logits_of(loaded), logits_of(model))
+
+
+def test_load_is_memory_mapped(saved):
+    loaded = rgref.load(saved)
+    assert isinstance(loaded.params["model.embed_tokens.weight"].base, np.memmap) or \
+        isinstance(loaded.params["model.embed_tokens.weight"], np.memmap)
+
+
+def test_load_single_safetensors_file(model, saved):
+    loaded = rgref.load(saved / "model.safetensors")
+    np.testing.assert_array_equal(logits_of(loaded), logits_of(model))
+
+
+def test_load_official_names(model, tmp_path):
+    save(model, tmp_path, layout="official")
+    names = safetensors.numpy.load_file(str(tmp_path / "model.safetensors")).keys()
+    assert "blocks.0.recurrent_block.conv_1d.w" in names
+    assert "blocks.0.mlp_block.ffw_up.w" in names
+    np.testing.assert_array_equal(logits_of(rgref.load(tmp_path)), logits_of(model))
+
+
+def test_load_sharded(model, tmp_path):
+    save(model, tmp_path, max_shard_bytes=8_000)
+    shards = sorted(p.name for p in tmp_path.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    np.testing.assert_array_equal(logits_of(rgref.load(tmp_path)), logits_of(model))
+
+
+def test_load_bfloat16(model, tmp_path):
+    save(model, tmp_path, weights_dtype="bfloat16")
+    loaded = rgref.load(tmp_path)
+    embedding = loaded.params["model.embed_tokens.weight"]
+    assert embedding.dtype == np.uint16
+    rounded = rgref.Model(CONFIG, {n: bfloat16_to_float32(float32_to_bfloat16(v))
+                                   for n, v in model.params.items()})
+    np.testing.assert_allclose(logits_of(loaded), logits_of(rounded), atol=1e-6, rtol=0)
+
+
+def test_load_float16(model, tmp_path):
+    half = rgref.Model(CONFIG, {n: v.astype(np.float16) for n, v in model.params.items()})
+    save(half, tmp_path)
+    loaded = rgref.load(tmp_path)
+    assert loaded.params["model.embed_tokens.weight"].dtype == np.float16
+    widened = rgref.Model(CONFIG, {n: v.astype(np.float32) for n, v in half.params.items()})
+    np.testing.assert_array_equal(logits_of(loaded), logits_of(widened))
+
+
+def test_reference_safetensors_reads_our_files(model, saved):
+    """Files rgref writes are valid for the reference `safetensors` package."""
+    tensors = safetensors.numpy.load_file(str(saved / "model.safetensors"))
+    for name, value in model.params.items():
+        np.testing.assert_array_equal(tensors[name], value)
+
+
+def test_tied_lm_head_is_ignored(model, tmp_path):
+    params = dict(model.params)
+    params["lm_head.weight"] = params["model.embed_tokens.weight"]
+    save(model, tmp_path)
+    safetensors.numpy.save_file(params, str(tmp_path / "model.safetensors"))
+    np.testing.assert_array_equal(logits_of(rgref.load(tmp_path)), logits_of(model))
+
+
+# ------------------------------------------------------------------ errors
+
+def rewrite(path, change):
+    tensors = safetensors.numpy.load_file(str(path))
+    change(tensors)
+    safetensors.numpy.save_file(tensors, str(path))
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        rgref.load(tmp_path / "nowhere")
+
+
+def test_missing_config(saved):
+    os.remove(saved / "config.json")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        rgref.load(saved)
+
+
+def test_no_weights(saved):
+    os.remove(saved / "model.safetensors")
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        rgref.load(saved)
+
+
+def test_missing_tensor(saved):
+    rewrite(saved / "model.safetensors",
+            lambda t: t.pop("model.layers.2.temporal_block.k_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"model.layers.2.temporal_block.k_proj.weight "
+                                              r"\(shape \(8, 16\)\) is missing"):
+        rgref.load(saved)
+
+
+def test_unexpected_tensor(saved):
+    rewrite(saved / "model.safetensors",
+            lambda t: t.update({"model.layers.9.mlp_block.up_proj.bias": np.zeros(3, np.float32)}))
+    with pytest.raises(CheckpointError, match="unexpected tensor model.layers.9"):
+        rgref.load(saved)
+
+
+def test_wrong_shape(saved):
+    def change(t):
+        t["model.layers.0.temporal_block.linear_x.weight"] = np.zeros((16, 17), np.float32)
+    rewrite(saved / "model.safetensors", change)
+    with pytest.raises(CheckpointError, match=r"linear_x.weight has shape \(16, 17\), "
+                                              r"expected \(16, 16\)"):
+        rgref.load(saved)
+
+
+def test_wrong_dtype(saved):
+    def change(t):
+        t["model.final_norm.weight"] = np.zeros(16, np.int32)
+    rewrite(saved / "model.safetensors", change)
+    with pytest.raises(CheckpointError, match="model.final_norm.weight has dtype int32"):
+        rgref.load(saved)
+
+
+def test_config_contradicts_weights(saved):
+    config = json.loads((saved / "config.json").read_text())
+    config["hidden_size"] = 32
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="shape"):
+        rgref.load(saved)
+
+
+def test_invalid_config_json(saved):
+    (saved / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        rgref.load(saved)
+
+
+def test_truncated_safetensors(saved):
+    path = saved / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) - 100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        rgref.load(saved)
+
+
+def test_corrupt_header(saved):
+    path = saved / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:20] = b"\xff" * 12
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        rgref.load(saved)
+
+
+def test_not_safetensors(saved):
+    (saved / "model.safetensors").write_bytes(b"PK\x03\x04 this is a zip file, not safetensors")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        rgref.load(saved)
+
+
+def test_index_names_missing_shard(model, tmp_path):
+    save(model, tmp_path, max_shard_bytes=8_000)
+    os.remove(sorted(tmp_path.glob("model-*-of-*.safetensors"))[1])
+    with pytest.raises(CheckpointError, match="lists shard model-00002-of-.* does not exist"):
+        rgref.load(tmp_path)
+
+
+def test_token_outside_vocabulary(model):
+    with pytest.raises(ValueError, match=r"token id 53 at index \[0, 2\] is outside the "
+                                         r"vocabulary \[0, 53\)"):
+        model.forward(np.array([[1, 2, 53]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        model.forward(np.array([[-1]]))
+
+
+def test_bad_segment_pos(model):
+    with pytest.raises(ValueError, match="shaped like tokens"):
+        model.forward(np.array([[1, 2]]), segment_pos=np.array([[0, 1, 2]]))
+    with pytest.raises(ValueError, match="segment_pos -2 at index"):
+        model.forward(np.array([[1, 2]]), segment_pos=np.array([[0, -2]]))
+
+
+def test_bad_tokens(model):
+    with pytest.raises(ValueError, match="integer array of shape"):
+        model.forward(np.array([1.0, 2.0]))
+    _, cache = model.forward(np.array([[1, 2]]))
+    with pytest.raises(ValueError, match="batch size 2 but the cache was built for 1"):
+        model.forward(np.array([[1], [2]]), cache=cache)
