@@ -5,7 +5,13 @@ Accepted layouts:
 - A Hugging Face directory: `config.json` plus `model.safetensors`, or shards
   `model-0000N-of-0000M.safetensors` listed in `model.safetensors.index.json`.
 - A safetensors file (or a directory holding one) whose tensors use the
-  official `recurrentgemma` names (`blocks.N...`), with `config.json` beside it.
+  official `recurrentgemma` names (`blocks.N...`).
+- An official PyTorch checkpoint (`2b.pt`, the Kaggle download), read without
+  PyTorch by `rgref.torch_checkpoint`, or a directory holding one.
+
+Without `config.json` the config is inferred from the tensor shapes; the
+attention window, soft cap and embedding scale then come from the preset whose
+shapes match (or the `preset` argument).
 
 Tensors are memory-mapped and kept in their stored dtype (float32, float16 or
 bfloat16); the model widens each weight when it uses it.
@@ -21,27 +27,29 @@ import numpy as np
 
 from rgref import names
 from rgref.config import Config, ConfigError
+from rgref.infer_config import infer_config
 from rgref.model import Model
 from rgref.safetensors_file import SafetensorsError, load_safetensors
+from rgref.torch_checkpoint import CheckpointError, load_torch_state_dict
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: missing files, wrong tensors, bad config."""
-
-
-def load(path: str | os.PathLike, dtype=np.float32) -> Model:
-    """Load a checkpoint directory or safetensors file as a `Model`.
+def load(path: str | os.PathLike, dtype=np.float32, preset: str | None = None) -> Model:
+    """Load a checkpoint directory or weights file as a `Model`.
 
     Args:
-      path: a Hugging Face layout directory, or a `.safetensors` file with
-        `config.json` in the same directory.
+      path: a Hugging Face layout directory, a `.safetensors` file, an official
+        PyTorch `.pt` file, or a directory holding one `.pt` file.
       dtype: compute dtype, np.float32 (default) or np.float64.
+      preset: for a checkpoint without `config.json`, the preset that supplies
+        the hyperparameters the shapes do not show (see `rgref.PRESET_NAMES`);
+        by default the preset whose shapes match.
 
     Raises:
       CheckpointError: naming the file and the problem, e.g. a tensor with the
@@ -52,12 +60,15 @@ def load(path: str | os.PathLike, dtype=np.float32) -> Model:
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint path {path} does not exist")
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    has_config = os.path.isfile(os.path.join(directory, CONFIG_FILE))
 
-    config = _read_config(directory)
-    if os.path.isdir(path):
+    weights_file = path if not os.path.isdir(path) else _single_torch_file(path, has_config)
+    if weights_file is None:
         tensors, origin = _read_directory(path)
+    elif weights_file.endswith(TORCH_SUFFIXES):
+        tensors, origin = load_torch_state_dict(weights_file), {}
     else:
-        tensors, origin = _read_safetensors(path), {}
+        tensors, origin = _read_safetensors(weights_file), {}
 
     if names.is_official_layout(tensors):
         try:
@@ -65,15 +76,33 @@ def load(path: str | os.PathLike, dtype=np.float32) -> Model:
         except KeyError as e:
             raise CheckpointError(f"{path}: {e.args[0]}") from None
     tensors = _drop_tied_head(tensors, path)
-    check_tensors(config, tensors, origin, default_file=path)
+    if has_config:
+        config = _read_config(os.path.join(directory, CONFIG_FILE))
+    else:
+        try:
+            config = infer_config(tensors, preset)
+        except ConfigError as e:
+            raise CheckpointError(f"{path} has no {CONFIG_FILE} beside it and its config "
+                                  f"cannot be inferred: {e}") from None
+    check_tensors(config, tensors, origin, default_file=weights_file or path)
     return Model(config, tensors, dtype=dtype)
 
 
-def _read_config(directory: str) -> Config:
-    config_path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(config_path):
-        raise CheckpointError(f"{directory} has no {CONFIG_FILE}; a RecurrentGemma checkpoint "
-                              "directory needs one (Hugging Face layout)")
+def _single_torch_file(directory: str, has_config: bool) -> str | None:
+    """The one `.pt` file of a Kaggle-style directory, or None for a safetensors one."""
+    if has_config or any(f.endswith(".safetensors") for f in os.listdir(directory)):
+        return None
+    found = sorted(f for f in os.listdir(directory) if f.endswith(TORCH_SUFFIXES))
+    if len(found) > 1:
+        raise CheckpointError(f"{directory} holds several PyTorch checkpoints "
+                              f"({', '.join(found)}); pass the one to load as the path")
+    if not found:
+        raise CheckpointError(f"{directory} has no {CONFIG_FILE}, no .safetensors file and no "
+                              ".pt file; is it a RecurrentGemma checkpoint directory?")
+    return os.path.join(directory, found[0])
+
+
+def _read_config(config_path: str) -> Config:
     try:
         return Config.from_json_file(config_path)
     except (ConfigError, OSError) as e:

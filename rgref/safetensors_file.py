@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -148,3 +148,48 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
         f.write(raw)
         for array in arrays:
             f.write(array.tobytes())
+
+
+def save_safetensors_streaming(path: str | os.PathLike,
+                               layout: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
+                               read_chunks: Callable[[str], Iterable[np.ndarray]],
+                               metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file one piece of a tensor at a time, uint16 as bfloat16.
+
+    `layout` maps each tensor name, in the order written, to its dtype and shape,
+    which the header needs before any data. `read_chunks(name)` yields arrays of
+    that dtype whose bytes, concatenated, are the tensor in C order (for example
+    blocks of rows). Only the chunk being written is held in memory, so a
+    converter can write a model larger than RAM. Raises SafetensorsError when the
+    chunks do not match the declared dtype or add up to another size.
+    """
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, (dtype, shape) in layout.items():
+        dtype = np.dtype(dtype)
+        if dtype not in _NAMES:
+            raise SafetensorsError(f"cannot save tensor {name!r} of dtype {dtype}; supported: "
+                                   "float64, float32, float16, bfloat16 (uint16 bits), int64, "
+                                   "int32, all little-endian")
+        nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": _NAMES[dtype], "shape": [int(n) for n in shape],
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, (dtype, _) in layout.items():
+            begin, end = header[name]["data_offsets"]
+            written = 0
+            for chunk in read_chunks(name):
+                if chunk.dtype != np.dtype(dtype):
+                    raise SafetensorsError(f"a chunk of tensor {name!r} has dtype {chunk.dtype}, "
+                                           f"but the layout declares {np.dtype(dtype)}")
+                chunk = np.ascontiguousarray(chunk)
+                f.write(chunk)  # through the buffer protocol, without a copy
+                written += chunk.nbytes
+            if written != end - begin:
+                raise SafetensorsError(f"the chunks of tensor {name!r} hold {written} bytes, but "
+                                       f"its declared dtype and shape need {end - begin}")

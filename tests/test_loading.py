@@ -13,6 +13,7 @@ from rgref.dtypes import bfloat16_to_float32, float32_to_bfloat16
 from rgref.loading import CheckpointError
 from rgref.random_model import random_model
 from rgref.saving import save
+from tolerances import assert_close
 
 CONFIG = Config(vocab_size=53, width=16, mlp_width=24, num_heads=2, lru_width=16,
                 block_types=("recurrent", "recurrent", "attention"), attention_window=4)
@@ -223,3 +224,45 @@ def test_bad_tokens(model):
     _, cache = model.forward(np.array([[1, 2]]))
     with pytest.raises(ValueError, match="batch size 2 but the cache was built for 1"):
         model.forward(np.array([[1], [2]]), cache=cache)
+
+
+# ------------------------------------------- official PyTorch checkpoints
+
+TORCH_DIR = os.path.join(os.path.dirname(__file__), "data", "torch")
+TINY_PT = os.path.join(TORCH_DIR, "griffin_tiny.pt")
+
+
+def official_tiny_logits():
+    with np.load(os.path.join(TORCH_DIR, "griffin_tiny_logits.npz")) as golden:
+        return golden["tokens"], golden["logits"]
+
+
+def test_load_torch_file_matches_official_logits():
+    tokens, expected = official_tiny_logits()
+    # The tiny model's structure matches no preset; its hyperparameters are 2B's.
+    model = rgref.load(TINY_PT, preset="recurrentgemma-2b")
+    assert_close(model.forward(tokens)[0], expected, "golden_float32", "griffin_tiny.pt")
+
+
+def test_load_kaggle_directory(tmp_path):
+    (tmp_path / "2b.pt").write_bytes(open(TINY_PT, "rb").read())
+    tokens, expected = official_tiny_logits()
+    model = rgref.load(tmp_path, preset="recurrentgemma-2b")
+    assert_close(model.forward(tokens)[0], expected, "golden_float32", "directory with 2b.pt")
+
+
+def test_load_torch_without_preset_explains(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json beside it.*pass the preset"):
+        rgref.load(TINY_PT)
+
+
+def test_directory_with_two_torch_files(tmp_path):
+    for name in ("2b.pt", "2b-it.pt"):
+        (tmp_path / name).write_bytes(open(TINY_PT, "rb").read())
+    with pytest.raises(CheckpointError, match="several PyTorch checkpoints"):
+        rgref.load(tmp_path)
+
+
+def test_empty_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="is it a RecurrentGemma checkpoint directory"):
+        rgref.load(tmp_path)
