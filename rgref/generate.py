@@ -107,8 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=non_negative_int, metavar="S",
                         help="random seed that makes sampling reproducible (default: a new "
                              "seed each run, reported on stderr)")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
-                        help="compute dtype (default: float32)")
+    parser.add_argument("--dtype", choices=("stored", "bfloat16"), default="stored",
+                        help="weights dtype in memory: 'stored' keeps the checkpoint's dtype "
+                             "(memory-mapped, no copy); 'bfloat16' narrows a float32 "
+                             "checkpoint at load, halving its memory (default: stored)")
+    parser.add_argument("--compute-dtype", choices=("float32", "float64"), default="float32",
+                        help="dtype of activations and arithmetic (default: float32)")
     return parser
 
 
@@ -163,7 +167,9 @@ def load_model_and_tokenizer(args):
         path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)), TOKENIZER_FILE)
     try:
         tokenizer = Tokenizer(tokenizer_path)
-        model = load(path, dtype=np.dtype(args.dtype))
+        model = load(path, dtype=np.dtype(args.compute_dtype),
+                     weights_dtype=None if args.dtype == "stored" else args.dtype,
+                     progress=ProgressBar("narrowing weights to bfloat16"))
     except (CheckpointError, ConfigError, TokenizerError) as e:
         raise UsageError(str(e)) from None
     except OSError as e:
@@ -207,6 +213,27 @@ class TextStream:
         self.out.write(text[self.written:] + "\n")
         self.out.flush()
         self.ids, self.written = [], 0
+
+
+class ProgressBar:
+    """A one-line progress report on stderr, shown only once work lasts over half a second."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.start = time.perf_counter()
+        self.last_update = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - self.start < 0.5 or (now - self.last_update < 0.2 and done < total):
+            return
+        self.last_update = now
+        width = 30
+        filled = width * done // max(total, 1)
+        print(f"\rrgref: {self.label} [{'#' * filled}{'.' * (width - filled)}] "
+              f"{done / 1e9:.1f}/{total / 1e9:.1f} GB", end="", file=sys.stderr, flush=True)
+        if done >= total:
+            print(file=sys.stderr)
 
 
 def rate(count: int, seconds: float) -> str:

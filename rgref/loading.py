@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
+from typing import Callable
 
 import numpy as np
 
 from rgref import names
 from rgref.config import Config, ConfigError
+from rgref.dtypes import float32_to_bfloat16, is_bfloat16
 from rgref.infer_config import infer_config
 from rgref.model import Model
 from rgref.safetensors_file import SafetensorsError, load_safetensors
@@ -38,9 +41,14 @@ CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
+WEIGHTS_DTYPES = ("bfloat16",)
+# Elements converted at a time when narrowing weights: 64 MB of float32.
+NARROW_CHUNK = 16 * 1024 * 1024
 
 
-def load(path: str | os.PathLike, dtype=np.float32, preset: str | None = None) -> Model:
+def load(path: str | os.PathLike, dtype=np.float32, preset: str | None = None,
+         weights_dtype: str | None = None,
+         progress: Callable[[int, int], None] | None = None) -> Model:
     """Load a checkpoint directory or weights file as a `Model`.
 
     Args:
@@ -85,7 +93,61 @@ def load(path: str | os.PathLike, dtype=np.float32, preset: str | None = None) -
             raise CheckpointError(f"{path} has no {CONFIG_FILE} beside it and its config "
                                   f"cannot be inferred: {e}") from None
     check_tensors(config, tensors, origin, default_file=weights_file or path)
+    if weights_dtype is not None:
+        if weights_dtype not in WEIGHTS_DTYPES:
+            raise ValueError(f"weights_dtype must be None or one of {WEIGHTS_DTYPES}, "
+                             f"got {weights_dtype!r}")
+        tensors = narrow_to_bfloat16(tensors, progress)
     return Model(config, tensors, dtype=dtype)
+
+
+def narrow_to_bfloat16(tensors: dict[str, np.ndarray],
+                       progress: Callable[[int, int], None] | None = None
+                       ) -> dict[str, np.ndarray]:
+    """Round every float tensor to bfloat16 (uint16 bits) in memory.
+
+    Each memory-mapped source chunk is released from the process right after
+    it is converted, so peak memory is the bfloat16 copy plus one chunk, not
+    both full copies.
+    """
+    total = sum(v.nbytes for v in tensors.values() if not is_bfloat16(v))
+    done = 0
+    narrowed = {}
+    for name, value in tensors.items():
+        if is_bfloat16(value):
+            narrowed[name] = value
+            continue
+        out = np.empty(value.shape, np.uint16)
+        flat_out = out.reshape(-1)
+        flat_in = value.reshape(-1)     # a view for the contiguous tensors checkpoints hold
+        for start in range(0, flat_in.size, NARROW_CHUNK):
+            chunk = flat_in[start:start + NARROW_CHUNK]
+            flat_out[start:start + chunk.size] = float32_to_bfloat16(chunk.astype(np.float32))
+            _release_pages(chunk)
+            done += chunk.nbytes
+            if progress is not None:
+                progress(done, total)
+        narrowed[name] = out
+    return narrowed
+
+
+def _release_pages(view: np.ndarray) -> None:
+    """Drop the memory-mapped file pages under `view` from this process (re-read if used)."""
+    # Views of a memmap are memmaps too; the mapping itself is the outermost array.
+    root = view
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    mapping = getattr(root, "_mmap", None)
+    if not isinstance(root, np.memmap) or mapping is None or not hasattr(mapping, "madvise"):
+        return
+    # np.memmap maps from `offset` rounded down to the allocation granularity.
+    mapping_start = root.ctypes.data - root.offset % mmap.ALLOCATIONGRANULARITY
+    begin = view.ctypes.data - mapping_start
+    end = begin + view.nbytes
+    begin -= begin % mmap.PAGESIZE
+    end = min(end - end % mmap.PAGESIZE, len(mapping))
+    if end > begin:
+        mapping.madvise(mmap.MADV_DONTNEED, begin, end - begin)
 
 
 def _single_torch_file(directory: str, has_config: bool) -> str | None:

@@ -266,3 +266,20 @@ def test_directory_with_two_torch_files(tmp_path):
 def test_empty_directory(tmp_path):
     with pytest.raises(CheckpointError, match="is it a RecurrentGemma checkpoint directory"):
         rgref.load(tmp_path)
+
+
+def test_load_narrowed_to_bfloat16(model, saved, tmp_path_factory):
+    reports = []
+    narrowed = rgref.load(saved, weights_dtype="bfloat16",
+                          progress=lambda done, total: reports.append((done, total)))
+    assert all(v.dtype == np.uint16 for v in narrowed.params.values())
+    stored = tmp_path_factory.mktemp("bf16")
+    save(model, stored, weights_dtype="bfloat16")
+    np.testing.assert_array_equal(logits_of(narrowed), logits_of(rgref.load(stored)))
+    total = sum(v.nbytes for v in model.params.values())
+    assert reports[-1] == (total, total)
+
+
+def test_load_rejects_unknown_weights_dtype(saved):
+    with pytest.raises(ValueError, match="weights_dtype"):
+        rgref.load(saved, weights_dtype="int8")
