@@ -288,10 +288,12 @@ def run_interactive(model, tokenizer, first_prompt: str | None, args, sampling,
     prompt = first_prompt
     while True:
         if prompt is None:
-            print("> ", end="", file=sys.stderr, flush=True)
+            if sys.stdin.isatty():
+                print("> ", end="", file=sys.stderr, flush=True)
             line = sys.stdin.readline()
             if not line:
-                print(file=sys.stderr)
+                if sys.stdin.isatty():
+                    print(file=sys.stderr)
                 return
             prompt = line.rstrip("\n")
         if prompt.strip() == "/exit":

@@ -70,7 +70,14 @@ class Tokenizer:
         return [self.bos_id, *ids] if add_bos else ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.processor.DecodeIds([int(i) for i in ids])
+        """Decode ids to text; ids past the tokenizer's pieces decode as `<unk>`.
+
+        A model's embedding may have more rows than its tokenizer has pieces,
+        so sampling can produce such ids.
+        """
+        size = self.vocab_size
+        unk = self.processor.unk_id()
+        return self.processor.DecodeIds([int(i) if 0 <= int(i) < size else unk for i in ids])
 
     def piece(self, token_id: int) -> str:
         return self.processor.IdToPiece(int(token_id))

@@ -1,0 +1,227 @@
+"""`python -m rgref.generate` end to end, on a random model with a small tokenizer."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from rgref import generate
+from rgref.config import Config
+from rgref.random_model import random_model
+from rgref.saving import save
+from rgref.tokenizer import Tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = """The quick brown fox jumps over the lazy dog.
+A journey of a thousand miles begins with a single step.
+All that glitters is not gold. Fortune favours the bold.
+Time flies like an arrow; fruit flies like a banana.
+""" * 20
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random model directory with a SentencePiece tokenizer that has Gemma's ids."""
+    import sentencepiece
+
+    directory = tmp_path_factory.mktemp("checkpoint")
+    corpus = directory / "corpus.txt"
+    corpus.write_text(TEXT)
+    sentencepiece.SentencePieceTrainer.Train(
+        input=str(corpus), model_prefix=str(directory / "tokenizer"), vocab_size=60,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+        bos_piece="<bos>", unk_piece="<unk>",
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+        minloglevel=2, num_threads=1)
+    config = Config(vocab_size=64, width=16, mlp_width=32, num_heads=2, lru_width=16,
+                    block_types=("recurrent", "recurrent", "attention"), attention_window=8)
+    model = random_model(config, seed=3)
+    # Zero the stop tokens' embedding rows: their logit is then 0, below the greedy
+    # pick's, so greedy generation runs until max_new_tokens or Ctrl-C.
+    tokenizer = Tokenizer(directory / "tokenizer.model")
+    for stop in (tokenizer.eos_id, tokenizer.end_of_turn_id):
+        model.params["model.embed_tokens.weight"][stop] = 0
+    save(model, directory)
+    return directory
+
+
+def run(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "rgref.generate", *args], input=stdin,
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_generates_text(checkpoint):
+    result = run("The quick", "--model", str(checkpoint), "--max-new-tokens", "12",
+                 "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert "tok/s" in result.stderr
+    assert "time to first token" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_seed_reproducible(checkpoint):
+    args = ("A journey", "--model", str(checkpoint), "--max-new-tokens", "15", "--seed", "9",
+            "--temperature", "1.0")
+    assert run(*args).stdout == run(*args).stdout
+
+
+def test_greedy_matches_library(checkpoint):
+    result = run("All that", "--model", str(checkpoint), "--max-new-tokens", "10",
+                 "--temperature", "0")
+    import rgref
+    from rgref.sampling import generate as library_generate
+
+    tokenizer = Tokenizer(checkpoint / "tokenizer.model")
+    ids = tokenizer.encode("All that", add_bos=True)
+    expected = library_generate(rgref.load(checkpoint), [ids], 10,
+                                stop_ids=[tokenizer.eos_id, tokenizer.end_of_turn_id])
+    assert result.stdout == tokenizer.decode(expected.tokens[0]) + "\n"
+
+
+def test_prompt_from_stdin_and_file(checkpoint, tmp_path):
+    piped = run("--model", str(checkpoint), "--max-new-tokens", "5", "--temperature", "0",
+                stdin="Time flies")
+    dash = run("-", "--model", str(checkpoint), "--max-new-tokens", "5", "--temperature", "0",
+               stdin="Time flies")
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("Time flies")
+    from_file = run("--prompt-file", str(prompt_file), "--model", str(checkpoint),
+                    "--max-new-tokens", "5", "--temperature", "0")
+    argument = run("Time flies", "--model", str(checkpoint), "--max-new-tokens", "5",
+                   "--temperature", "0")
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == dash.stdout == from_file.stdout == argument.stdout
+
+
+def test_help_explains_options():
+    result = run("--help")
+    assert result.returncode == 0
+    for option in ("--model", "--chat", "--max-new-tokens", "--temperature", "--top-k",
+                   "--top-p", "--seed", "--interactive", "--dtype"):
+        assert option in result.stdout
+
+
+def test_bundled_model_is_default():
+    parser = generate.build_parser()
+    assert parser.parse_args(["x"]).model is None
+    assert os.path.isdir(generate.BUNDLED_MODEL) or not os.path.exists(generate.BUNDLED_MODEL)
+
+
+# ---------------------------------------------------------------- bad input
+
+def assert_one_line_error(result, pattern):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines()
+             if line and not line.startswith("rgref: using")]
+    assert len(lines) == 1 or lines[-1].startswith("python -m rgref.generate: error"), \
+        result.stderr
+    assert pattern in lines[-1], result.stderr
+
+
+def test_missing_model_directory(tmp_path):
+    assert_one_line_error(run("hi", "--model", str(tmp_path / "absent")), "does not exist")
+
+
+def test_directory_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    result = run("hi", "--model", str(tmp_path))
+    assert_one_line_error(result, "error")
+
+
+def test_not_a_checkpoint_with_tokenizer(checkpoint, tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes((checkpoint / "tokenizer.model").read_bytes())
+    result = run("hi", "--model", str(tmp_path))
+    assert_one_line_error(result, "is it a RecurrentGemma checkpoint directory")
+
+
+def test_missing_tokenizer(checkpoint, tmp_path):
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((checkpoint / name).read_bytes())
+    assert_one_line_error(run("hi", "--model", str(tmp_path)), "tokenizer file")
+
+
+def test_corrupt_tokenizer(checkpoint, tmp_path):
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((checkpoint / name).read_bytes())
+    (tmp_path / "tokenizer.model").write_bytes(b"garbage")
+    assert_one_line_error(run("hi", "--model", str(tmp_path)), "not a valid SentencePiece")
+
+
+def test_tokenizer_larger_than_vocabulary(checkpoint, tmp_path):
+    for name in ("model.safetensors", "tokenizer.model"):
+        (tmp_path / name).write_bytes((checkpoint / name).read_bytes())
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["vocab_size"] = 50
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = run("hi", "--model", str(tmp_path))
+    assert_one_line_error(result, "error")
+
+
+def test_empty_prompt(checkpoint):
+    assert_one_line_error(run("   ", "--model", str(checkpoint)), "prompt is empty")
+    assert_one_line_error(run("--model", str(checkpoint), stdin=""), "prompt is empty")
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--temperature", "-1", "must be >= 0"),
+    ("--temperature", "hot", "expected a number"),
+    ("--top-p", "0", "must be in (0, 1]"),
+    ("--top-p", "1.5", "must be in (0, 1]"),
+    ("--top-k", "-3", "integer >= 0"),
+    ("--max-new-tokens", "0", "positive integer"),
+    ("--seed", "-1", "integer >= 0"),
+])
+def test_invalid_option_values(checkpoint, option, value, message):
+    result = run("hi", "--model", str(checkpoint), option, value)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_prompt_and_prompt_file_conflict(checkpoint, tmp_path):
+    (tmp_path / "p.txt").write_text("x")
+    assert_one_line_error(run("hi", "--prompt-file", str(tmp_path / "p.txt"), "--model",
+                              str(checkpoint)), "not both")
+
+
+def test_missing_prompt_file(checkpoint, tmp_path):
+    assert_one_line_error(run("--prompt-file", str(tmp_path / "none.txt"), "--model",
+                              str(checkpoint)), "cannot read prompt file")
+
+
+def test_ctrl_c_stops_cleanly(checkpoint):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rgref.generate", "The quick", "--model", str(checkpoint),
+         "--max-new-tokens", "1000000", "--temperature", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    first = process.stdout.read(1)               # wait until text is streaming
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "interrupted" in stderr
+    assert "Traceback" not in stderr
+    assert first + stdout
+
+
+def test_interactive_reuses_state(checkpoint):
+    result = run("--model", str(checkpoint), "--interactive", "--max-new-tokens", "6",
+                 "--temperature", "0", stdin="Hello there\nAnd again\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    fed = re.findall(r"rgref: fed (\d+) new tokens \(of (\d+) in the conversation\)",
+                     result.stderr)
+    assert len(fed) == 2, result.stderr
+    # The second turn feeds only its new tokens, not the whole conversation.
+    (first_new, first_total), (second_new, second_total) = [map(int, f) for f in fed]
+    assert first_new == first_total
+    assert second_new < second_total
+    assert len(result.stdout.splitlines()) == 2
