@@ -27,8 +27,8 @@ import numpy as np
 
 from rgref.dtypes import round_to_bfloat16
 
-# The constant c in the RG-LRU decay a = sigma(Lambda)^(c * r_t) (Griffin paper,
-# arXiv 2402.19427, eq. 6), fixed at 8 in the paper and in the released models.
+# The constant c in the RG-LRU decay a_t = sigma(Lambda)^(c * r_t), as the Griffin
+# paper (arXiv 2402.19427) defines it; 8 in the paper and in the released models.
 RG_LRU_C = 8.0
 # The masked-logit value the official implementation uses (a large negative
 # float32, not -inf, so a row with every key masked still gives finite numbers).
@@ -51,30 +51,35 @@ def rms_norm(x: np.ndarray, scale: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     """Normalise the last axis to unit root mean square, then multiply by (1 + scale).
 
     x: (..., D); scale: (D,). The stored scale is an offset from 1, so a
-    freshly initialised (zero) scale is the identity.
+    freshly initialised (zero) scale is the identity. Returns (..., D) in the
+    dtype of x.
     """
     mean_square = np.mean(np.square(x), axis=-1, keepdims=True)
     return x / np.sqrt(mean_square + eps) * (1 + scale)
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    """GELU with the tanh approximation (JAX's default, PyTorch `approximate="tanh"`)."""
+    """GELU with the tanh approximation (JAX's default, PyTorch `approximate="tanh"`).
+
+    Elementwise: returns an array of the shape and dtype of x.
+    """
     return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-x)), elementwise: returns an array of the shape and dtype of x."""
     # exp of a negative argument only, so neither branch overflows.
     e = np.exp(-np.abs(x))
     return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
 
 
 def softplus(x: np.ndarray) -> np.ndarray:
-    """log(1 + exp(x)), computed without overflow."""
+    """log(1 + exp(x)), computed without overflow; elementwise, in the dtype of x."""
     return np.logaddexp(0, x)
 
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """x (..., in) @ weight (out, in)^T + bias (out,) -> (..., out)."""
+    """x (..., in) @ weight (out, in)^T + bias (out,) -> (..., out), in the dtype of x."""
     y = x @ weight.T
     if bias is not None:
         y += bias
@@ -86,6 +91,7 @@ def block_diagonal_linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -
 
     x: (B, T, E); weight: (H, E/H, E/H), applied as `x_h @ weight[h]` (an
     `[in, out]` block, as stored by both official and Hugging Face); bias: (H, E/H).
+    Returns (B, T, E) in the dtype of x.
     """
     H, block_width, _ = weight.shape
     x_blocks = x.reshape(*x.shape[:-1], H, block_width)                 # (B, T, H, E/H)
@@ -94,7 +100,10 @@ def block_diagonal_linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -
 
 
 def soft_cap(logits: np.ndarray, cap: float | None) -> np.ndarray:
-    """cap * tanh(logits / cap): a smooth clamp to (-cap, cap); identity when cap is None."""
+    """cap * tanh(logits / cap): a smooth clamp to (-cap, cap); identity when cap is None.
+
+    Elementwise: returns an array of the shape and dtype of logits.
+    """
     if not cap:
         return logits
     return cap * np.tanh(logits / cap)
@@ -109,13 +118,16 @@ def embedding_scale(width: int) -> float:
 
     The official implementations cast sqrt(width) to bfloat16 "to match
     training", so sqrt(2560) = 50.596... becomes 50.5. Using the exact root
-    shifts every activation of the 2B model by 0.2%.
+    shifts every activation of the 2B model by 0.2%. Returns a Python float.
     """
     return float(round_to_bfloat16(np.float32(math.sqrt(width))))
 
 
 def embed(tokens: np.ndarray, table: np.ndarray, scale_by_sqrt_dim: bool) -> np.ndarray:
-    """Look up token embeddings: tokens (B, T) int, table (V, D) -> (B, T, D)."""
+    """Look up token embeddings: tokens (B, T) int, table (V, D) -> (B, T, D).
+
+    The result has the table's dtype; the scale is applied in that dtype.
+    """
     x = table[tokens]
     if scale_by_sqrt_dim:
         x = x * x.dtype.type(embedding_scale(table.shape[1]))
@@ -123,7 +135,10 @@ def embed(tokens: np.ndarray, table: np.ndarray, scale_by_sqrt_dim: bool) -> np.
 
 
 def unembed(x: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """Output logits with the tied embedding table: (B, T, D) @ (V, D)^T -> (B, T, V)."""
+    """Output logits with the tied embedding table: (B, T, D) @ (V, D)^T -> (B, T, V).
+
+    The table must have the dtype of x, which the logits keep.
+    """
     return x @ table.T
 
 
@@ -136,6 +151,7 @@ def mlp_block(x: np.ndarray, gate_weight, gate_bias, up_weight, up_bias, down_we
     """gelu_tanh(gate(x)) * up(x), projected back: (B, T, D) -> (B, T, D).
 
     gate/up weights: (M, D) with biases (M,); down: (D, M) with bias (D,).
+    Returns (B, T, D) in the dtype of x; `record` receives "mlp.hidden" (B, T, M).
     """
     gate = gelu_tanh(linear(x, gate_weight, gate_bias))                 # (B, T, M)
     up = linear(x, up_weight, up_bias)                                  # (B, T, M)
@@ -161,7 +177,7 @@ def conv1d(x: np.ndarray, segment_pos: np.ndarray, weight: np.ndarray, bias: np.
 
     The input s steps back is dropped when any of the s later tokens (up to and
     including the current one) starts a document.
-    Returns (B, T, E).
+    Returns (B, T, E) in the dtype of x.
     """
     B, T, E = x.shape
     W = weight.shape[-1]
@@ -191,8 +207,10 @@ def linear_scan(x: np.ndarray, a: np.ndarray, h0: np.ndarray | None,
                 state_dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
     """h_t = a_t * h_{t-1} + x_t over time; returns all h_t (B, T, E) and the last (B, E).
 
-    The state is accumulated in `state_dtype` (float32, as the official
-    implementation does even for bfloat16 activations; float64 in float64 mode).
+    x, a: (B, T, E); h0: (B, E), or None for a zero state. The state is
+    accumulated in `state_dtype` (float32, as the official implementation does
+    even for bfloat16 activations; float64 in float64 mode). The outputs come
+    back in the dtype of x, the last state in `state_dtype`.
     """
     B, T, E = x.shape
     h = np.zeros((B, E), state_dtype) if h0 is None else h0.astype(state_dtype)
@@ -209,13 +227,13 @@ def rg_lru(x: np.ndarray, segment_pos: np.ndarray, a_param: np.ndarray,
            ) -> tuple[np.ndarray, np.ndarray]:
     """Real-Gated Linear Recurrent Unit: (B, T, E) -> outputs (B, T, E), last state (B, E).
 
-    Paper symbols (Griffin, arXiv 2402.19427, section 2.4) and stored names:
+    Paper symbols (Griffin, arXiv 2402.19427) and stored names:
 
     | paper       | here          | official (`rg_lru.`) | Hugging Face (`rg_lru.`) |
     |-------------|---------------|----------------------|--------------------------|
     | i_t         | gate_x        | input_gate.{w,b}     | input_gate_{weight,bias} |
     | r_t         | gate_a        | a_gate.{w,b}         | recurrent_gate_{weight,bias} |
-    | Lambda      | a_param       | a_param              | recurrent_param          |
+    | -Lambda     | a_param       | a_param              | recurrent_param          |
     | a = sigma(Lambda)^(c r_t) | a | a                  | recurrent_gate           |
 
     The paper writes a = sigma(Lambda)^(c r_t); the implementations store
@@ -225,6 +243,13 @@ def rg_lru(x: np.ndarray, segment_pos: np.ndarray, a_param: np.ndarray,
     segment_pos == 0 marks a document start: there the state resets (a = 0)
     and the input is not scaled by sqrt(1 - a^2), so the first state of a
     document is the gated input itself.
+
+    Shapes: x (B, T, E), segment_pos (B, T), a_param (E,), gate weights
+    (H, E/H, E/H) and biases (H, E/H) as in `block_diagonal_linear`. h0 (B, E)
+    is the state after the previous chunk, or None for a zero state. The
+    outputs are in the dtype of x; the last state is float32 (float64 when x
+    is float64). `record` receives "rg_lru.gate_x", "rg_lru.gate_a", "rg_lru.a"
+    (before the reset) and "rg_lru.output", each (B, T, E).
     """
     gate_x = sigmoid(block_diagonal_linear(x, input_gate_weight, input_gate_bias))
     gate_a = sigmoid(block_diagonal_linear(x, recurrent_gate_weight, recurrent_gate_bias))
@@ -258,7 +283,8 @@ def apply_rope(x: np.ndarray, positions: np.ndarray,
 
     x: (B, T, N, K); positions: (B, T). Within the rotated part of width
     R = K/2, dimension i pairs with i + R/2 (split halves, not interleaved) and
-    turns by positions * max_wavelength^(-2i/R).
+    turns by positions * max_wavelength^(-2i/R). Returns (B, T, N, K) in the
+    dtype of x.
     """
     rotated, passed = np.split(x, 2, axis=-1)                           # (B, T, N, K/2) each
     R = rotated.shape[-1]
@@ -284,7 +310,8 @@ def local_attention(queries: np.ndarray, keys: np.ndarray, values: np.ndarray,
 
     Query t is at key index S + t and sees key indices t ... S + t: itself and
     the `window` tokens before it, so window + 1 keys (the official window).
-    Softmax is in float32 (float64 in float64 mode). Returns (B, T, N, K).
+    Softmax is in float32 (float64 in float64 mode). Returns (B, T, N, K) in the
+    dtype of the queries.
     """
     B, T, N, K = queries.shape
     S = window
