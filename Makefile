@@ -24,3 +24,15 @@ tools-env:  ## Create $(REF_VENV) with the official recurrentgemma (tools only).
 
 golden:  ## Re-export tests/golden from the official implementation (needs tools-env).
 	$(REF_PYTHON) tools/export_golden.py --out tests/golden
+
+# The C kernels. Both targets honour CC (the C compiler) and RGREF_NO_OPENMP=1 (build
+# without OpenMP), e.g. `make build CC=clang`.
+.PHONY: build clean-build
+
+build:  ## Compile the C kernels in place after editing csrc/ (pip install -e . does it too).
+	@$(PYTHON) rgref/_build_kernels.py --probe
+	$(PYTHON) rgref/_build_kernels.py
+
+clean-build:  ## Delete the compiled kernels and build/; rgref then uses its NumPy code.
+	rm -rf build
+	rm -f rgref/_kernels.*.so rgref/_kernels.*.pyd

@@ -1,0 +1,538 @@
+"""The C kernels (rgref.kernels) against float64 NumPy oracles written here.
+
+Every variant ("fast", "portable", "naive") must stay within an error bound
+derived for float32 arithmetic (explained next to each oracle), at 1 and at 2
+threads. The fast variants must also give bitwise identical results at 1 and 2
+threads, and a linear layer the same bits for a token alone or among others.
+Tests that need the compiled extension are skipped when it is not built
+(`make build`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rgref import kernels
+from rgref.dtypes import bfloat16_to_float32, float32_to_bfloat16
+
+needs_kernels = pytest.mark.skipif(
+    not kernels.available(), reason=f"C kernels not built: {kernels.unavailable_reason()}"
+)
+
+FAST_VARIANTS = ("fast", "portable")
+ALL_VARIANTS = ("fast", "portable", "naive")
+THREAD_COUNTS = (1, 2)
+
+# Unit roundoff of float32: one correctly rounded operation has relative error <= U.
+U = 2.0**-24
+
+PROPERTY_SETTINGS = dict(
+    derandomize=True,
+    deadline=None,
+    max_examples=30,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+@contextlib.contextmanager
+def thread_count(num_threads: int):
+    """Run the block with the kernels on `num_threads` threads, then restore the default."""
+    kernels.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        kernels.set_num_threads(0)
+
+
+def assert_within_bound(actual, expected, bound, label: str) -> None:
+    """Assert |actual - expected| <= bound elementwise; on failure show the worst elements."""
+    actual = np.asarray(actual, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{label}: shape {actual.shape} != {expected.shape}"
+    error = np.abs(actual - expected)
+    excess = error - bound
+    if not (excess <= 0).all():  # also fails on NaN
+        worst = np.unravel_index(np.nanargmax(np.where(np.isnan(excess), np.inf, excess)),
+                                 excess.shape)
+        failing = np.argwhere(~(excess <= 0))[:5]
+        pairs = ", ".join(
+            f"{tuple(int(i) for i in index)}: {actual[tuple(index)]!r} vs "
+            f"{expected[tuple(index)]!r} (bound {bound[tuple(index)]:.3g})"
+            for index in failing
+        )
+        raise AssertionError(
+            f"{label}: {int((~(excess <= 0)).sum())} of {error.size} elements exceed the "
+            f"error bound; worst at {worst}: |error| {error[worst]:.3g} > bound "
+            f"{bound[worst]:.3g}. First failures (actual vs expected): {pairs}"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Linear layer
+# ---------------------------------------------------------------------------
+
+
+def linear_oracle(x, w_f32, bias_f32):
+    """Return x @ w.T + bias in float64 and a bound on the float32 error of any kernel.
+
+    A float32 dot product of K terms plus a bias, summed in any order, with or
+    without fused multiply-adds, is within gamma(K + 1) * (sum |x_k w_k| + |bias|)
+    of the exact value, where gamma(n) = n U / (1 - n U) (Higham, "Accuracy and
+    Stability of Numerical Algorithms", 2nd ed., section 3.1). bfloat16 weights
+    widen to float32 exactly, so the bound is the same for them.
+    """
+    x64 = x.astype(np.float64)
+    w64 = w_f32.astype(np.float64)
+    expected = x64 @ w64.T
+    magnitude = np.abs(x64) @ np.abs(w64).T
+    if bias_f32 is not None:
+        expected = expected + bias_f32.astype(np.float64)
+        magnitude = magnitude + np.abs(bias_f32.astype(np.float64))
+    terms = w_f32.shape[1] + 1
+    gamma = terms * U / (1 - terms * U)
+    return expected, gamma * magnitude
+
+
+def make_linear_case(seed, n, k, m, weight_dtype, bias_kind):
+    """Return x (n, k), w (m, k) in `weight_dtype`, w widened to float32, bias and its float32."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, k), dtype=np.float32)
+    w_f32 = rng.standard_normal((m, k), dtype=np.float32) * np.float32(0.1)
+    if weight_dtype == "bfloat16":
+        w = float32_to_bfloat16(w_f32)
+        w_f32 = bfloat16_to_float32(w)
+    else:
+        w = w_f32
+    bias = bias_f32 = None
+    if bias_kind == "float32":
+        bias = bias_f32 = rng.standard_normal(m, dtype=np.float32)
+    elif bias_kind == "bfloat16":
+        bias = float32_to_bfloat16(rng.standard_normal(m, dtype=np.float32))
+        bias_f32 = bfloat16_to_float32(bias)
+    return x, w, w_f32, bias, bias_f32
+
+
+# K from two ranges: short rows (all tail, or a few 8-lane steps) and rows as long as
+# the model's, where a weight block holds only 12 to 24 rows, so M <= 100 spans
+# several blocks and the threads split them.
+linear_shapes = st.tuples(
+    st.integers(1, 40),
+    st.one_of(st.integers(0, 40), st.integers(2000, 2600)),
+    st.integers(1, 100),
+)
+
+
+@needs_kernels
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
+@settings(**PROPERTY_SETTINGS)
+@given(
+    shape=linear_shapes,
+    bias_kind=st.sampled_from([None, "float32", "bfloat16"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_linear_matches_float64_oracle(weight_dtype, shape, bias_kind, seed):
+    n, k, m = shape
+    x, w, w_f32, bias, bias_f32 = make_linear_case(seed, n, k, m, weight_dtype, bias_kind)
+    expected, bound = linear_oracle(x, w_f32, bias_f32)
+
+    results = {}
+    for variant in ALL_VARIANTS:
+        for num_threads in THREAD_COUNTS:
+            with thread_count(num_threads):
+                y = kernels.linear(x, w, bias, variant=variant)
+            assert y.dtype == np.float32
+            label = f"linear {variant} {weight_dtype} N={n} K={k} M={m} threads={num_threads}"
+            assert_within_bound(y, expected, bound, label)
+            results[variant, num_threads] = y
+
+    for variant in FAST_VARIANTS:
+        assert np.array_equal(results[variant, 1], results[variant, 2]), (
+            f"linear {variant}: 1-thread and 2-thread results differ in "
+            f"{int((results[variant, 1] != results[variant, 2]).sum())} elements"
+        )
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", FAST_VARIANTS)
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
+@settings(**PROPERTY_SETTINGS)
+@given(shape=linear_shapes, seed=st.integers(0, 2**32 - 1))
+def test_linear_row_alone_same_bits(variant, weight_dtype, shape, seed):
+    # Decoding computes one token at a time, prefill many: both must give the same bits.
+    n, k, m = shape
+    x, w, _, bias, _ = make_linear_case(seed, n, k, m, weight_dtype, "float32")
+    together = kernels.linear(x, w, bias, variant=variant)
+    for row in range(n):
+        alone = kernels.linear(x[row : row + 1], w, bias, variant=variant)
+        assert np.array_equal(alone[0], together[row]), (
+            f"linear {variant} {weight_dtype} N={n} K={k} M={m}: row {row} alone differs "
+            f"from the same row computed with the others"
+        )
+
+
+@needs_kernels
+@settings(**PROPERTY_SETTINGS)
+@given(shape=linear_shapes, seed=st.integers(0, 2**32 - 1))
+def test_linear_bfloat16_same_bits_as_widened(shape, seed):
+    # Widening bfloat16 to float32 is exact and the summation order is the same.
+    n, k, m = shape
+    x, w, w_f32, bias, _ = make_linear_case(seed, n, k, m, "bfloat16", "bfloat16")
+    for variant in ALL_VARIANTS:
+        from_bits = kernels.linear(x, w, bias, variant=variant)
+        widened = kernels.linear(x, w_f32, bfloat16_to_float32(bias), variant=variant)
+        assert np.array_equal(from_bits, widened), (
+            f"linear {variant} N={n} K={k} M={m}: bfloat16 weights and the same weights "
+            f"widened to float32 give different results"
+        )
+
+
+@needs_kernels
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("n", [1, 5])
+def test_linear_model_size(weight_dtype, n):
+    # The MLP up projection of recurrentgemma-2b: 7680 x 2560.
+    x, w, w_f32, bias, bias_f32 = make_linear_case(7, n, 2560, 7680, weight_dtype, "float32")
+    expected, bound = linear_oracle(x, w_f32, bias_f32)
+    by_threads = {}
+    for num_threads in THREAD_COUNTS:
+        with thread_count(num_threads):
+            by_threads[num_threads] = kernels.linear(x, w, bias)
+        assert_within_bound(by_threads[num_threads], expected, bound,
+                            f"linear fast {weight_dtype} N={n} threads={num_threads}")
+    assert np.array_equal(by_threads[1], by_threads[2])
+    naive = kernels.linear(x, w, bias, variant="naive")
+    assert_within_bound(naive, expected, bound, f"linear naive {weight_dtype} N={n}")
+
+
+@needs_kernels
+def test_linear_leading_dims_and_out():
+    x, w, w_f32, bias, bias_f32 = make_linear_case(3, 6, 19, 11, "float32", "float32")
+    expected, bound = linear_oracle(x, w_f32, bias_f32)
+    out = np.full((2, 3, 11), np.nan, dtype=np.float32)
+    result = kernels.linear(x.reshape(2, 3, 19), w, bias, out=out)
+    assert result is out
+    assert_within_bound(out.reshape(6, 11), expected, bound, "linear with out=")
+
+
+@needs_kernels
+def test_linear_empty_shapes():
+    w = np.ones((4, 3), dtype=np.float32)
+    assert kernels.linear(np.zeros((0, 3), np.float32), w).shape == (0, 4)
+    # K = 0: every output is the bias.
+    bias = np.arange(4, dtype=np.float32)
+    y = kernels.linear(np.zeros((2, 0), np.float32), np.zeros((4, 0), np.float32), bias)
+    assert np.array_equal(y, np.broadcast_to(bias, (2, 4)))
+
+
+# ---------------------------------------------------------------------------
+# RG-LRU scan
+# ---------------------------------------------------------------------------
+
+# Error bound of one float32 RG-LRU step, first order in U. The constants below are
+# twice these first-order figures, to cover second-order terms.
+#   exp and log1p: within 1.01 ulp, that is 2.02 U relative. Measured on glibc 2.36:
+#   expf 0.50 ulp, log1pf 0.83 ulp. The AVX2 exp: 1.01 ulp (csrc/check_avx2_exp.c).
+#   sigmoid 1 / (1 + exp(-z)): 4.1 U relative (exp, then an add and a divide).
+#   softplus log1p(exp(z)): 4 U relative, because its condition number is below 1.
+#   log_a = (-8 * gate_a) * softplus: 9.1 U relative.
+#   a = exp(log_a): off by a * (9.1 U |log_a| + 2.02 U), and a * h by one more U.
+#   v = 1 - exp(2 log_a): off by 6.4 U absolute, because a^2 |log_a| <= 1 / (2e).
+#   multiplier sqrt(v): off by min(sqrt(dv), dv / sqrt(v)) + U sqrt(v), dv = 16 U.
+#   normalized = x * gate_x * multiplier: 6.1 U relative besides the multiplier's error.
+#   h = a h + normalized: one more U on each term.
+DECAY_ERROR_PER_LOG_A = 20 * U
+DECAY_ERROR = 10 * U
+NORMALIZED_ERROR = 16 * U
+V_ERROR = 16 * U
+# exp below -87.34 returns 0 in the AVX2 code and a subnormal in libm, and products
+# can underflow: an absolute error below 2^-120 times the magnitudes involved.
+UNDERFLOW_ERROR = 2.0**-120
+
+
+def rg_lru_oracle(x, gate_x_pre, gate_a_pre, a_param, segment_pos, h0):
+    """Return y (B, T, E), the last state (B, E) and a bound on the float32 error of y.
+
+    The float64 formula is the RG-LRU of the model; the bound accumulates the
+    per-step bound above through h_t = a_t h_{t-1} + normalized_t with a_t <= 1.
+    """
+    x = x.astype(np.float64)
+    gate_x = 1 / (1 + np.exp(-gate_x_pre.astype(np.float64)))
+    gate_a = 1 / (1 + np.exp(-gate_a_pre.astype(np.float64)))
+    log_a = -8.0 * gate_a * np.logaddexp(0.0, a_param.astype(np.float64))
+    a = np.exp(log_a)
+    multiplier = np.sqrt(-np.expm1(2 * log_a))
+    reset = (segment_pos == 0)[..., None]
+    a = np.where(reset, 0.0, a)
+    multiplier = np.where(reset, 1.0, multiplier)
+    normalized = x * gate_x * multiplier
+
+    with np.errstate(divide="ignore"):
+        multiplier_error = np.minimum(np.sqrt(V_ERROR), V_ERROR / multiplier) + U * multiplier
+    multiplier_error = np.where(reset, 0.0, multiplier_error)
+    gated_magnitude = np.abs(x * gate_x)
+
+    h = h0.astype(np.float64)
+    bound = np.zeros_like(h)
+    y = np.empty_like(x)
+    y_bound = np.empty_like(x)
+    for t in range(x.shape[1]):
+        decayed = a[:, t] * h
+        step_error = (
+            (DECAY_ERROR_PER_LOG_A * np.abs(log_a[:, t]) + DECAY_ERROR) * np.abs(decayed)
+            + NORMALIZED_ERROR * np.abs(normalized[:, t])
+            + gated_magnitude[:, t] * multiplier_error[:, t]
+            + UNDERFLOW_ERROR * (1 + np.abs(h) + np.abs(x[:, t]))
+        )
+        bound = a[:, t] * bound + step_error
+        h = decayed + normalized[:, t]
+        y[:, t] = h
+        y_bound[:, t] = bound
+    return y, h, y_bound, bound
+
+
+def make_segment_pos(rng, batch, time, reset_rate, padding):
+    """Positions 0, 1, 2, ... with resets to 0 at random steps, left padding of -1, and
+    stray -1 steps (padding must not reset the state)."""
+    segment_pos = np.empty((batch, time), dtype=np.int32)
+    for b in range(batch):
+        position = int(rng.integers(0, 5))  # > 0: continues a document from a cache
+        for t in range(time):
+            if rng.random() < reset_rate:
+                position = 0
+            segment_pos[b, t] = position
+            position += 1
+        if padding:
+            pad = int(rng.integers(0, time + 1))
+            segment_pos[b, :pad] = -1
+            stray = rng.random(time) < 0.1
+            segment_pos[b, stray] = -1
+    return segment_pos
+
+
+def make_rg_lru_case(seed, batch, time, width, reset_rate, padding, extreme):
+    rng = np.random.default_rng(seed)
+    # Gate pre-activations up to +-80 keep exp(-z) finite and sigmoid normal in float32;
+    # a_param up to +-25 takes both branches of the stable softplus.
+    gate_scale = 30.0 if extreme else 3.0
+    x = (rng.standard_normal((batch, time, width)) * 10).astype(np.float32)
+    gate_x_pre = np.clip(rng.standard_normal((batch, time, width)) * gate_scale, -80, 80)
+    gate_a_pre = np.clip(rng.standard_normal((batch, time, width)) * gate_scale, -80, 80)
+    a_param = rng.uniform(-25, 25, width) if extreme else rng.standard_normal(width)
+    h0 = (rng.standard_normal((batch, width)) * 10).astype(np.float32)
+    segment_pos = make_segment_pos(rng, batch, time, reset_rate, padding)
+    return (x, gate_x_pre.astype(np.float32), gate_a_pre.astype(np.float32),
+            a_param.astype(np.float32), segment_pos, h0)
+
+
+@needs_kernels
+@settings(**PROPERTY_SETTINGS)
+@given(
+    batch=st.integers(1, 3),
+    time=st.one_of(st.just(1), st.integers(1, 40)),
+    width=st.one_of(st.integers(1, 40), st.sampled_from([63, 64, 65, 257])),
+    reset_rate=st.sampled_from([0.0, 0.05, 0.3]),
+    padding=st.booleans(),
+    extreme=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_rg_lru_scan_matches_float64_oracle(batch, time, width, reset_rate, padding,
+                                            extreme, seed):
+    x, gate_x_pre, gate_a_pre, a_param, segment_pos, h0 = make_rg_lru_case(
+        seed, batch, time, width, reset_rate, padding, extreme)
+    expected_y, expected_h, y_bound, h_bound = rg_lru_oracle(
+        x, gate_x_pre, gate_a_pre, a_param, segment_pos, h0)
+
+    results = {}
+    for variant in ALL_VARIANTS:
+        for num_threads in THREAD_COUNTS:
+            h = h0.copy()
+            with thread_count(num_threads):
+                y = kernels.rg_lru_scan(x, gate_x_pre, gate_a_pre, a_param, segment_pos, h,
+                                        variant=variant)
+            label = f"rg_lru_scan {variant} B={batch} T={time} E={width} threads={num_threads}"
+            assert_within_bound(y, expected_y, y_bound, label + " y")
+            assert_within_bound(h, expected_h, h_bound, label + " last state")
+            results[variant, num_threads] = y, h
+
+    for variant in FAST_VARIANTS:
+        (y1, h1), (y2, h2) = results[variant, 1], results[variant, 2]
+        assert np.array_equal(y1, y2), f"rg_lru_scan {variant}: y differs at 1 and 2 threads"
+        assert np.array_equal(h1, h2), f"rg_lru_scan {variant}: h differs at 1 and 2 threads"
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_rg_lru_scan_model_width(variant):
+    # recurrentgemma-2b's RG-LRU width, two documents packed in the second row.
+    x, gate_x_pre, gate_a_pre, a_param, _, h0 = make_rg_lru_case(
+        11, 2, 48, 2560, 0.0, False, False)
+    segment_pos = np.stack([np.arange(48), np.r_[np.arange(20), np.arange(28)]]).astype(np.int32)
+    expected_y, expected_h, y_bound, h_bound = rg_lru_oracle(
+        x, gate_x_pre, gate_a_pre, a_param, segment_pos, h0)
+    h = h0.copy()
+    y = kernels.rg_lru_scan(x, gate_x_pre, gate_a_pre, a_param, segment_pos, h,
+                            variant=variant)
+    assert_within_bound(y, expected_y, y_bound, f"rg_lru_scan {variant} model width y")
+    assert_within_bound(h, expected_h, h_bound, f"rg_lru_scan {variant} model width state")
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_rg_lru_scan_chunks_continue_state(variant):
+    # Scanning T steps at once or in two calls that pass h along gives the same bits.
+    x, gate_x_pre, gate_a_pre, a_param, segment_pos, h0 = make_rg_lru_case(
+        5, 2, 30, 70, 0.1, True, False)
+    h_once = h0.copy()
+    y_once = kernels.rg_lru_scan(x, gate_x_pre, gate_a_pre, a_param, segment_pos, h_once,
+                                 variant=variant)
+    h_split = h0.copy()
+    parts = []
+    for steps in (slice(0, 13), slice(13, 30)):
+        parts.append(kernels.rg_lru_scan(
+            np.ascontiguousarray(x[:, steps]), np.ascontiguousarray(gate_x_pre[:, steps]),
+            np.ascontiguousarray(gate_a_pre[:, steps]), a_param,
+            np.ascontiguousarray(segment_pos[:, steps]), h_split, variant=variant))
+    assert np.array_equal(np.concatenate(parts, axis=1), y_once)
+    assert np.array_equal(h_split, h_once)
+
+
+@needs_kernels
+def test_rg_lru_scan_empty_shapes():
+    width = 5
+    a_param = np.zeros(width, np.float32)
+    h = np.ones((2, width), np.float32)
+    empty = np.zeros((2, 0, width), np.float32)
+    y = kernels.rg_lru_scan(empty, empty, empty, a_param, np.zeros((2, 0), np.int32), h)
+    assert y.shape == (2, 0, width)
+    assert np.array_equal(h, np.ones((2, width), np.float32))
+
+
+# ---------------------------------------------------------------------------
+# Threads, loading and input validation
+# ---------------------------------------------------------------------------
+
+
+@needs_kernels
+def test_num_threads_setting():
+    with thread_count(1):
+        assert kernels.get_num_threads() == 1
+    with thread_count(3):
+        assert kernels.get_num_threads() == (3 if kernels.has_openmp() else 1)
+    assert kernels.get_num_threads() >= 1
+    for invalid in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="num_threads"):
+            kernels.set_num_threads(invalid)
+
+
+def test_import_rgref_does_not_load_kernels():
+    code = ("import sys, rgref; "
+            "print('rgref.kernels' in sys.modules, 'rgref._kernels' in sys.modules)")
+    root = __file__.rsplit("/tests/", 1)[0]
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=root, check=True).stdout
+    assert output.split() == ["False", "False"]
+
+
+def test_missing_extension_reason(monkeypatch):
+    monkeypatch.setattr(kernels, "_module", None)
+    monkeypatch.setattr(kernels, "_load_error", None)
+    monkeypatch.setitem(sys.modules, "rgref._kernels", None)  # makes the import fail
+    assert not kernels.available()
+    reason = kernels.unavailable_reason()
+    assert "rgref._kernels" in reason
+    assert "make build" in reason
+    with pytest.raises(RuntimeError, match="make build"):
+        kernels.linear(np.zeros((1, 2), np.float32), np.zeros((3, 2), np.float32))
+
+
+def valid_scan_inputs(batch=2, time=3, width=5):
+    return dict(
+        x=np.zeros((batch, time, width), np.float32),
+        gate_x_pre=np.zeros((batch, time, width), np.float32),
+        gate_a_pre=np.zeros((batch, time, width), np.float32),
+        a_param=np.zeros(width, np.float32),
+        segment_pos=np.zeros((batch, time), np.int32),
+        h=np.zeros((batch, width), np.float32),
+    )
+
+
+def read_only(array):
+    array.flags.writeable = False
+    return array
+
+
+SCAN_INVALID_INPUTS = [
+    ("x", lambda inputs: inputs["x"].astype(np.float64), "x must have dtype float32"),
+    ("x", lambda inputs: inputs["x"][0], "x must have 3 dimensions"),
+    ("x", lambda inputs: np.zeros((2, 3, 10), np.float32)[:, :, ::2], "x must be C-contiguous"),
+    ("gate_x_pre", lambda inputs: np.zeros((2, 3, 4), np.float32), r"gate_x_pre has shape"),
+    ("gate_a_pre", lambda inputs: np.zeros((2, 4, 5), np.float32), r"gate_a_pre has shape"),
+    ("a_param", lambda inputs: np.zeros(4, np.float32), r"a_param has shape \(4,\)"),
+    ("segment_pos", lambda inputs: inputs["segment_pos"].astype(np.int64),
+     "segment_pos must have dtype int32"),
+    ("segment_pos", lambda inputs: np.zeros((2, 4), np.int32), "segment_pos has shape"),
+    ("h", lambda inputs: np.zeros((1, 5), np.float32), r"h has shape \(1, 5\)"),
+    ("h", lambda inputs: read_only(np.zeros((2, 5), np.float32)), "h must be writeable"),
+    ("h", lambda inputs: [[0.0] * 5] * 2, "h must be a numpy.ndarray"),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("name, make_invalid, message", SCAN_INVALID_INPUTS)
+def test_rg_lru_scan_rejects_invalid_input(name, make_invalid, message):
+    inputs = valid_scan_inputs()
+    inputs[name] = make_invalid(inputs)
+    with pytest.raises(ValueError, match=message):
+        kernels.rg_lru_scan(**inputs)
+
+
+@needs_kernels
+def test_rg_lru_scan_rejects_state_aliasing_input():
+    inputs = valid_scan_inputs(batch=1, time=1)
+    inputs["h"] = inputs["x"][0]  # (1, 5): the same memory as x
+    with pytest.raises(ValueError, match="h must not share memory"):
+        kernels.rg_lru_scan(**inputs)
+    with pytest.raises(ValueError, match="variant"):
+        kernels.rg_lru_scan(**valid_scan_inputs(), variant="avx2")
+
+
+LINEAR_INVALID_INPUTS = [
+    (dict(x=np.zeros((2, 4))), "x must have dtype float32"),
+    (dict(x=np.float32(1.0)), "x must be a numpy.ndarray with at least 1 dimension"),
+    (dict(x=np.zeros((2, 8), np.float32)[:, ::2]), "x must be C-contiguous"),
+    (dict(x=np.zeros((2, 5), np.float32)), r"x has 5 features .* expects K = 4"),
+    (dict(w=np.zeros((3, 4), np.float16)), "w must be a float32 or uint16"),
+    (dict(w=np.zeros((4, 3), np.float32).T), "w must be C-contiguous"),
+    (dict(w=np.zeros(4, np.float32)), "w must have 2 dimensions"),
+    (dict(bias=np.zeros(2, np.float32)), r"bias has shape \(2,\), expected \(3,\)"),
+    (dict(bias=np.zeros(3, np.float64)), "bias must be a float32 or uint16"),
+    (dict(out=np.zeros((2, 4), np.float32)), r"out has shape \(2, 4\), expected \(2, 3\)"),
+    (dict(out=np.zeros((2, 3), np.float64)), "out must have dtype float32"),
+    (dict(out=np.zeros((3, 2), np.float32).T), "out must be C-contiguous"),
+    (dict(out=read_only(np.zeros((2, 3), np.float32))), "out must be writeable"),
+    (dict(variant="avx2"), "variant must be one of"),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("changes, message", LINEAR_INVALID_INPUTS)
+def test_linear_rejects_invalid_input(changes, message):
+    arguments = dict(x=np.zeros((2, 4), np.float32), w=np.zeros((3, 4), np.float32),
+                     bias=None, out=None)
+    arguments.update(changes)
+    variant = arguments.pop("variant", "fast")
+    with pytest.raises(ValueError, match=message):
+        kernels.linear(**arguments, variant=variant)
+
+
+@needs_kernels
+def test_linear_rejects_out_aliasing_input():
+    buffer = np.zeros((2, 4), np.float32)
+    with pytest.raises(ValueError, match="out must not share memory"):
+        kernels.linear(buffer, np.zeros((4, 4), np.float32), out=buffer)
