@@ -11,6 +11,7 @@ import os
 import random
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -113,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "checkpoint at load, halving its memory (default: stored)")
     parser.add_argument("--compute-dtype", choices=("float32", "float64"), default="float32",
                         help="dtype of activations and arithmetic (default: float32)")
+    parser.add_argument("--backend", choices=("auto", "c", "numpy"), default="auto",
+                        help="'c' runs the compiled kernels, 'numpy' the NumPy reference; "
+                             "'auto' uses the kernels when they are built (default: auto)")
+    parser.add_argument("--threads", type=positive_int, metavar="N",
+                        help="threads for the compiled kernels (default: OMP_NUM_THREADS, "
+                             "else one per core)")
     return parser
 
 
@@ -174,6 +181,17 @@ def load_model_and_tokenizer(args):
         raise UsageError(str(e)) from None
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e}") from None
+    model.backend = args.backend
+    model.num_threads = args.threads
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            backend = model.resolve_backend()
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(str(e)) from None
+    for warning in caught:
+        print(f"rgref: warning: {warning.message}", file=sys.stderr)
+    print(f"rgref: backend {backend}", file=sys.stderr)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UsageError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} pieces but the "
                          f"model's embedding has {model.config.vocab_size} rows; they do not "

@@ -147,11 +147,13 @@ def unembed(x: np.ndarray, table: np.ndarray) -> np.ndarray:
 # =============================================================================
 
 def mlp_block(x: np.ndarray, gate_weight, gate_bias, up_weight, up_bias, down_weight,
-              down_bias, record: dict | None = None) -> np.ndarray:
+              down_bias, record: dict | None = None, linear=linear) -> np.ndarray:
     """gelu_tanh(gate(x)) * up(x), projected back: (B, T, D) -> (B, T, D).
 
     gate/up weights: (M, D) with biases (M,); down: (D, M) with bias (D,).
     Returns (B, T, D) in the dtype of x; `record` receives "mlp.hidden" (B, T, M).
+    `linear` computes each projection; the model passes one that widens
+    bfloat16 weights or runs the compiled kernel.
     """
     gate = gelu_tanh(linear(x, gate_weight, gate_bias))                 # (B, T, M)
     up = linear(x, up_weight, up_bias)                                  # (B, T, M)

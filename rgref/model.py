@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Mapping
+import warnings
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -26,6 +27,10 @@ from rgref.dtypes import is_bfloat16, to_compute_dtype
 from rgref.names import EMBEDDING, FINAL_NORM, block_prefix, expected_shapes
 
 COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# "numpy" runs rgref.layers as written; "c" runs the linear layers and the RG-LRU
+# scan in the compiled kernels (rgref.kernels), float32 only; "auto" picks "c"
+# when the kernels are built and the compute dtype is float32.
+BACKENDS = ("auto", "c", "numpy")
 # Rows of a bfloat16 embedding table widened at a time for the output logits,
 # so a 256000 x 2560 table never exists as float32 (2.6 GB) all at once.
 UNEMBED_ROWS = 16_384
@@ -89,18 +94,31 @@ class Model:
     """A RecurrentGemma model: a config plus its parameters under Hugging Face names.
 
     Parameters may be float32, float64, float16 or bfloat16 (uint16 bits; see
-    `rgref.dtypes`) and may be memory-mapped; they are widened to the compute
-    dtype (float32 by default, or float64) one weight at a time as used.
+    `rgref.dtypes`) and may be memory-mapped. The NumPy backend widens them to
+    the compute dtype (float32 by default, or float64) one weight at a time as
+    used; the C backend reads float32 and bfloat16 weights in place.
+
+    backend: "auto" (default), "c" or "numpy", see `BACKENDS`; `forward` can
+      override it per call. num_threads: OpenMP threads for the C kernels
+      (None: OMP_NUM_THREADS, else one per core); results do not depend on it.
     """
 
     def __init__(self, config: Config, params: Mapping[str, np.ndarray],
-                 dtype=np.float32):
+                 dtype=np.float32, backend: str = "auto", num_threads: int | None = None):
         dtype = np.dtype(dtype)
         if dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute dtype must be float32 or float64, got {dtype}")
+        _check_backend(backend)
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
         self.config = config
         self.dtype = dtype
-        self.params = dict(params)
+        self.backend = backend
+        self.num_threads = num_threads
+        # Layout conversions (official names to Hugging Face) leave transposed views;
+        # the kernels read rows in place, so those few tensors are copied once here.
+        self.params = {name: value if value.flags.c_contiguous else np.ascontiguousarray(value)
+                       for name, value in params.items()}
         _check_params(config, self.params)
 
     def __repr__(self) -> str:
@@ -110,6 +128,46 @@ class Model:
 
     def _weight(self, name: str) -> np.ndarray:
         return to_compute_dtype(self.params[name], self.dtype)
+
+    # -------------------------------------------------------------- backends
+
+    def resolve_backend(self, backend: str | None = None) -> str:
+        """Return "c" or "numpy": the backend a forward call with `backend` runs on."""
+        requested = self.backend if backend is None else backend
+        _check_backend(requested)
+        if requested == "numpy":
+            return "numpy"
+        if self.dtype != np.float32:
+            if requested == "c":
+                raise ValueError(f"the C backend computes in float32 but this model's compute "
+                                 f"dtype is {self.dtype}; use backend='numpy'")
+            return "numpy"
+        from rgref import kernels
+        if kernels.available():
+            return "c"
+        if requested == "c":
+            raise RuntimeError(f"backend 'c' requested but {kernels.unavailable_reason()}")
+        warnings.warn(f"rgref is using its NumPy backend, which is much slower, because "
+                      f"{kernels.unavailable_reason()}", RuntimeWarning, stacklevel=3)
+        return "numpy"
+
+    def _linear_function(self, backend: str) -> Callable:
+        """Return linear(x, weight, bias=None) over raw (possibly bfloat16) parameters."""
+        if backend == "numpy":
+            def linear(x, weight, bias=None):
+                return layers.linear(x, to_compute_dtype(weight, self.dtype),
+                                     None if bias is None else to_compute_dtype(bias, self.dtype))
+            return linear
+
+        from rgref import kernels
+
+        def linear(x, weight, bias=None):
+            # The kernel reads float32 and bfloat16 weights in place; float16 is widened.
+            if weight.dtype not in (np.float32, np.uint16):
+                weight = to_compute_dtype(weight, np.float32)
+            return kernels.linear(np.ascontiguousarray(x, np.float32), weight,
+                                  None if bias is None else to_compute_dtype(bias, np.float32))
+        return linear
 
     # ---------------------------------------------------------------- cache
 
@@ -140,7 +198,7 @@ class Model:
     # -------------------------------------------------------------- forward
 
     def forward(self, tokens, segment_pos=None, cache: Cache | None = None, *,
-                return_intermediates: bool = False):
+                return_intermediates: bool = False, backend: str | None = None):
         """Run the model over a chunk of tokens for a batch of sequences.
 
         Args:
@@ -152,6 +210,7 @@ class Model:
             returned, to continue them with a chunk of any length T >= 1.
           return_intermediates: also return a dict of named activations
             (see `INTERMEDIATE_NAMES`).
+          backend: "auto", "c" or "numpy" for this call; None uses the model's.
 
         Returns:
           (logits, cache), or (logits, cache, intermediates): logits (B, T, V)
@@ -162,6 +221,11 @@ class Model:
             cache = self.init_cache(tokens.shape[0])
         record: dict | None = {} if return_intermediates else None
         c = self.config
+        backend = self.resolve_backend(backend)
+        if backend == "c" and self.num_threads is not None:
+            from rgref import kernels
+            kernels.set_num_threads(self.num_threads)
+        linear = self._linear_function(backend)
 
         # Document ids count document starts along each row, continuing the cache's
         # count, so attention never mixes packed documents or padding and text.
@@ -176,13 +240,14 @@ class Model:
 
         for i, kind in enumerate(c.block_types):
             block_record = None if record is None else {}
-            x = self._residual_block(i, kind, x, segment_pos, docs, cache, block_record)
+            x = self._residual_block(i, kind, x, segment_pos, docs, cache, linear, backend,
+                                     block_record)
             if record is not None:
                 record.update({f"blocks.{i}.{k}": v for k, v in block_record.items()})
 
         x = layers.rms_norm(x, self._weight(FINAL_NORM), c.rms_norm_eps)
         _put(record, "final_norm", x)
-        logits = self._unembed(x)                                       # (B, T, V)
+        logits = self._unembed(x, linear, backend)                      # (B, T, V)
         _put(record, "logits_before_soft_cap", logits)
         logits = layers.soft_cap(logits, c.logits_soft_cap)
 
@@ -196,7 +261,7 @@ class Model:
     # ------------------------------------------------------- residual block
 
     def _residual_block(self, i: int, kind: str, x, segment_pos, docs, cache: Cache,
-                        record: dict | None) -> np.ndarray:
+                        linear: Callable, backend: str, record: dict | None) -> np.ndarray:
         """h = x + temporal(rms_norm(x)); out = h + mlp(rms_norm(h))."""
         p = block_prefix(i)
         eps = self.config.rms_norm_eps
@@ -206,34 +271,35 @@ class Model:
         _put(record, "temporal_pre_norm", normed)
         if kind == RECURRENT:
             temporal = self._recurrent_block(p + "temporal_block.", normed, segment_pos,
-                                             cache, cache.blocks[i], record)
+                                             cache, cache.blocks[i], linear, backend, record)
         else:
             temporal = self._attention_block(p + "temporal_block.", normed, segment_pos,
-                                             docs, cache, cache.blocks[i], record)
+                                             docs, cache, cache.blocks[i], linear, record)
         _put(record, "temporal_block", temporal)
         h = x + temporal
         _put(record, "residual", h)
 
         normed = layers.rms_norm(h, self._weight(p + "channel_pre_norm.weight"), eps)
         _put(record, "channel_pre_norm", normed)
-        m = p + "mlp_block."
+        m = {name: self.params[p + "mlp_block." + name] for name in (
+            "gate_proj.weight", "gate_proj.bias", "up_proj.weight", "up_proj.bias",
+            "down_proj.weight", "down_proj.bias")}
         mlp = layers.mlp_block(
-            normed, self._weight(m + "gate_proj.weight"), self._weight(m + "gate_proj.bias"),
-            self._weight(m + "up_proj.weight"), self._weight(m + "up_proj.bias"),
-            self._weight(m + "down_proj.weight"), self._weight(m + "down_proj.bias"), record)
+            normed, m["gate_proj.weight"], m["gate_proj.bias"], m["up_proj.weight"],
+            m["up_proj.bias"], m["down_proj.weight"], m["down_proj.bias"], record,
+            linear=linear)
         _put(record, "mlp_block", mlp)
         out = h + mlp
         _put(record, "output", out)
         return out
 
     def _recurrent_block(self, p: str, x, segment_pos, cache: Cache, state: RecurrentState,
-                         record: dict | None) -> np.ndarray:
+                         linear: Callable, backend: str, record: dict | None) -> np.ndarray:
         """linear_out(rg_lru(conv1d(linear_x(x))) * gelu(linear_y(x))): (B, T, D) -> same."""
-        y = layers.gelu_tanh(layers.linear(x, self._weight(p + "linear_y.weight"),
-                                           self._weight(p + "linear_y.bias")))  # (B, T, E)
-        _put(record, "linear_y", y)
-        x = layers.linear(x, self._weight(p + "linear_x.weight"),
-                          self._weight(p + "linear_x.bias"))              # (B, T, E)
+        w = self.params
+        y = layers.gelu_tanh(linear(x, w[p + "linear_y.weight"], w[p + "linear_y.bias"]))
+        _put(record, "linear_y", y)                                     # (B, T, E)
+        x = linear(x, w[p + "linear_x.weight"], w[p + "linear_x.bias"])  # (B, T, E)
         _put(record, "linear_x", x)
 
         conv_input = x
@@ -242,28 +308,30 @@ class Model:
                           state.conv1d_state, cache.recent_segment_pos)
         _put(record, "conv1d", x)
 
-        x, state.rg_lru_state = layers.rg_lru(
-            x, segment_pos, self._weight(p + "rg_lru.recurrent_param"),
-            self._weight(p + "rg_lru.input_gate_weight"),
-            self._weight(p + "rg_lru.input_gate_bias"),
-            self._weight(p + "rg_lru.recurrent_gate_weight"),
-            self._weight(p + "rg_lru.recurrent_gate_bias"),
-            h0=state.rg_lru_state, record=record)
+        lru = [self._weight(p + "rg_lru." + name) for name in (
+            "recurrent_param", "input_gate_weight", "input_gate_bias",
+            "recurrent_gate_weight", "recurrent_gate_bias")]
+        if backend == "c":
+            x = _rg_lru_kernel(x, segment_pos, *lru, state, record)
+        else:
+            x, state.rg_lru_state = layers.rg_lru(x, segment_pos, *lru,
+                                                  h0=state.rg_lru_state, record=record)
         state.conv1d_state = _last_steps(state.conv1d_state, conv_input)
 
-        return layers.linear(x * y, self._weight(p + "linear_out.weight"),
-                             self._weight(p + "linear_out.bias"))
+        return linear(x * y, w[p + "linear_out.weight"], w[p + "linear_out.bias"])
 
     def _attention_block(self, p: str, x, segment_pos, docs, cache: Cache,
-                         state: AttentionState, record: dict | None) -> np.ndarray:
+                         state: AttentionState, linear: Callable,
+                         record: dict | None) -> np.ndarray:
         """Local multi-query attention with RoPE: (B, T, D) -> (B, T, D)."""
         c = self.config
         B, T, _ = x.shape
         S, H, K = c.attention_window, c.num_heads, c.head_dim
 
-        queries = layers.linear(x, self._weight(p + "q_proj.weight")).reshape(B, T, H, K)
-        keys = layers.linear(x, self._weight(p + "k_proj.weight")).reshape(B, T, 1, K)
-        values = layers.linear(x, self._weight(p + "v_proj.weight"))    # (B, T, K)
+        w = self.params
+        queries = linear(x, w[p + "q_proj.weight"]).reshape(B, T, H, K)
+        keys = linear(x, w[p + "k_proj.weight"]).reshape(B, T, 1, K)
+        values = linear(x, w[p + "v_proj.weight"])                      # (B, T, K)
         queries = layers.apply_rope(queries, segment_pos, c.rope_max_wavelength)
         keys = layers.apply_rope(keys, segment_pos, c.rope_max_wavelength)[:, :, 0]  # (B, T, K)
         _put(record, "queries", queries)
@@ -291,13 +359,15 @@ class Model:
         state.values[:, slots] = values[:, T - kept:]
         state.docs[:, slots] = docs[:, T - kept:]
 
-        return layers.linear(encoded.reshape(B, T, H * K), self._weight(p + "o_proj.weight"),
-                             self._weight(p + "o_proj.bias"))
+        return linear(encoded.reshape(B, T, H * K), w[p + "o_proj.weight"],
+                      w[p + "o_proj.bias"])
 
     # ---------------------------------------------------------------- output
 
-    def _unembed(self, x: np.ndarray) -> np.ndarray:
+    def _unembed(self, x: np.ndarray, linear: Callable, backend: str) -> np.ndarray:
         table = self.params[EMBEDDING]
+        if backend == "c":
+            return linear(x, table)          # the tied table is the (V, D) output weight
         if table.dtype == self.dtype:
             return layers.unembed(x, table)
         logits = np.empty(x.shape[:-1] + (table.shape[0],), self.dtype)
@@ -360,6 +430,32 @@ INTERMEDIATE_NAMES = {
                 "rg_lru.a", "rg_lru.output"),
     ATTENTION: ("queries", "keys", "values", "attention"),
 }
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _rg_lru_kernel(x, segment_pos, a_param, input_gate_weight, input_gate_bias,
+                   recurrent_gate_weight, recurrent_gate_bias, state: RecurrentState,
+                   record: dict | None) -> np.ndarray:
+    """`layers.rg_lru` with the gates, decay and scan fused in the C kernel."""
+    from rgref import kernels
+
+    gate_x_pre = layers.block_diagonal_linear(x, input_gate_weight, input_gate_bias)
+    gate_a_pre = layers.block_diagonal_linear(x, recurrent_gate_weight, recurrent_gate_bias)
+    if record is not None:
+        gate_a = layers.sigmoid(gate_a_pre)
+        record["rg_lru.gate_x"] = layers.sigmoid(gate_x_pre)
+        record["rg_lru.gate_a"] = gate_a
+        record["rg_lru.a"] = np.exp(-layers.RG_LRU_C * gate_a * layers.softplus(a_param))
+    # The kernel updates the state in place; the cache owns this array.
+    y = kernels.rg_lru_scan(np.ascontiguousarray(x), np.ascontiguousarray(gate_x_pre),
+                            np.ascontiguousarray(gate_a_pre), np.ascontiguousarray(a_param),
+                            segment_pos.astype(np.int32), state.rg_lru_state)
+    _put(record, "rg_lru.output", y)
+    return y
 
 
 def _put(record: dict | None, name: str, value: np.ndarray) -> None:

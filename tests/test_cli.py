@@ -225,3 +225,16 @@ def test_interactive_reuses_state(checkpoint):
     assert first_new == first_total
     assert second_new < second_total
     assert len(result.stdout.splitlines()) == 2
+
+
+def test_backend_options(checkpoint):
+    outputs = []
+    for backend in ("numpy", "auto"):
+        result = run("Fortune", "--model", str(checkpoint), "--max-new-tokens", "8",
+                     "--temperature", "0", "--backend", backend, "--threads", "1")
+        assert result.returncode == 0, result.stderr
+        assert "rgref: backend" in result.stderr
+        outputs.append(result.stdout)
+    assert outputs[0] == outputs[1]
+    result = run("x", "--model", str(checkpoint), "--backend", "c", "--compute-dtype", "float64")
+    assert_one_line_error(result, "computes in float32")

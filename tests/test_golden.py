@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import rgref
+from rgref import kernels
 from tolerances import assert_close
 
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "golden")
@@ -53,15 +54,24 @@ def test_golden_metadata(case):
     assert calls, f"{case}: case.npz has no calls"
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+needs_kernels = pytest.mark.skipif(not kernels.available(),
+                                   reason=f"C kernels not built: {kernels.unavailable_reason()}")
+BACKENDS = [pytest.param("numpy", "float32", id="numpy-float32"),
+            pytest.param("numpy", "float64", id="numpy-float64"),
+            pytest.param("c", "float32", id="c-float32", marks=needs_kernels)]
+
+
+@pytest.mark.parametrize("backend, dtype", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
-def test_golden_logits(case, dtype):
+def test_golden_logits(case, backend, dtype):
     _, calls = read_case(case)
     model = rgref.load(os.path.join(GOLDEN_DIR, case), dtype=np.dtype(dtype))
+    model.backend = backend
     for i, (logits, (_, segment_pos, expected)) in enumerate(zip(run_calls(model, calls), calls)):
         # Logits at left padding carry no meaning in either implementation.
         assert_close(logits, expected, f"golden_{dtype}",
-                     f"{case} call {i} ({dtype}); {REGENERATE}", mask=segment_pos >= 0)
+                     f"{case} call {i} ({backend}, {dtype}); {REGENERATE}",
+                     mask=segment_pos >= 0)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES
@@ -76,15 +86,17 @@ def test_golden_official_names(case):
                      mask=segment_pos >= 0)
 
 
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("c", marks=needs_kernels)])
 @pytest.mark.parametrize("chunk", [1, 3, 8, 1000])
 @pytest.mark.parametrize("case", [c for c in CASES if len(read_case(c)[1]) > 1])
-def test_golden_rechunked(case, chunk):
+def test_golden_rechunked(case, chunk, backend):
     """Decode cases replayed in chunks of any size give the official per-token logits."""
     _, calls = read_case(case)
     tokens = np.concatenate([c[0] for c in calls], axis=1)
     segment_pos = np.concatenate([c[1] for c in calls], axis=1)
     expected = np.concatenate([c[2] for c in calls], axis=1)
     model = rgref.load(os.path.join(GOLDEN_DIR, case))
+    model.backend = backend
     cache = None
     outputs = []
     for start in range(0, tokens.shape[1], chunk):

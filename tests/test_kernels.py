@@ -11,6 +11,7 @@ Tests that need the compiled extension are skipped when it is not built
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 
@@ -25,6 +26,13 @@ from rgref.dtypes import bfloat16_to_float32, float32_to_bfloat16
 needs_kernels = pytest.mark.skipif(
     not kernels.available(), reason=f"C kernels not built: {kernels.unavailable_reason()}"
 )
+
+
+def test_kernels_built_when_required():
+    """CI sets RGREF_REQUIRE_KERNELS=1 so a broken build fails instead of skipping."""
+    if os.environ.get("RGREF_REQUIRE_KERNELS") != "1":
+        pytest.skip("RGREF_REQUIRE_KERNELS is not set")
+    assert kernels.available(), kernels.unavailable_reason()
 
 FAST_VARIANTS = ("fast", "portable")
 ALL_VARIANTS = ("fast", "portable", "naive")

@@ -17,7 +17,10 @@ from tolerances import assert_close
 CONFIG = Config(vocab_size=61, width=16, mlp_width=40, num_heads=2, lru_width=24,
                 block_types=("recurrent", "attention", "recurrent", "attention"),
                 attention_window=5, logits_soft_cap=30.0)
+# The properties check the NumPy specification; test_c_backend_equals_numpy ties
+# the C kernels to it.
 MODEL = random_model(CONFIG, seed=7)
+MODEL.backend = "numpy"
 
 token_lists = st.lists(st.integers(0, CONFIG.vocab_size - 1), min_size=1, max_size=24)
 
@@ -105,6 +108,7 @@ def test_batch_rows_independent():
 
 def test_float64_agrees_with_float32():
     model64 = random_model(CONFIG, seed=7, dtype=np.float64)
+    model64.backend = "numpy"
     tokens = np.random.default_rng(4).integers(0, CONFIG.vocab_size, (2, 20))
     logits64, _ = model64.forward(tokens)
     logits32, _ = MODEL.forward(tokens)
@@ -120,3 +124,26 @@ def test_cache_not_shared_between_copies():
     first, _ = MODEL.forward(np.array([[7]]), cache=cache)
     again, _ = MODEL.forward(np.array([[7]]), cache=branch)
     np.testing.assert_array_equal(first, again)
+
+
+@pytest.mark.skipif("not __import__('rgref.kernels').kernels.available()",
+                    reason="C kernels not built")
+@given(tokens=st.lists(st.integers(0, CONFIG.vocab_size - 1), min_size=1, max_size=24),
+       data=st.data())
+def test_c_backend_equals_numpy(tokens, data):
+    """The C kernels and the NumPy specification agree, chunked or not, packed or not."""
+    cut = data.draw(st.integers(0, len(tokens)))
+    restart = data.draw(st.integers(0, len(tokens) - 1))
+    segment_pos = np.r_[np.arange(restart), np.arange(len(tokens) - restart)][None]
+    runs = {}
+    for backend in ("numpy", "c"):
+        cache = None
+        pieces = []
+        for start, stop in ((0, cut), (cut, len(tokens))):
+            if stop > start:
+                logits, cache = MODEL.forward(np.asarray(tokens[start:stop])[None],
+                                              segment_pos=segment_pos[:, start:stop],
+                                              cache=cache, backend=backend)
+                pieces.append(logits[0])
+        runs[backend] = np.concatenate(pieces)
+    assert_close(runs["c"], runs["numpy"], "same_math_float32", f"cut {cut}, restart {restart}")
