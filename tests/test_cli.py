@@ -238,3 +238,59 @@ def test_backend_options(checkpoint):
     assert outputs[0] == outputs[1]
     result = run("x", "--model", str(checkpoint), "--backend", "c", "--compute-dtype", "float64")
     assert_one_line_error(result, "computes in float32")
+
+
+# ------------------------------------------------- broken checkpoints on the CLI
+
+def copy_checkpoint(source, target):
+    for name in ("config.json", "model.safetensors", "tokenizer.model"):
+        (target / name).write_bytes((source / name).read_bytes())
+
+
+def test_cli_truncated_safetensors(checkpoint, tmp_path):
+    copy_checkpoint(checkpoint, tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    assert_one_line_error(run("hi", "--model", str(tmp_path)), "model.safetensors")
+
+
+def test_cli_index_names_missing_shard(checkpoint, tmp_path):
+    import rgref
+
+    save(rgref.load(checkpoint), tmp_path, max_shard_bytes=10_000)
+    (tmp_path / "tokenizer.model").write_bytes((checkpoint / "tokenizer.model").read_bytes())
+    os.remove(sorted(tmp_path.glob("model-*-of-*.safetensors"))[0])
+    assert_one_line_error(run("hi", "--model", str(tmp_path)), "does not exist")
+
+
+def test_cli_wrong_shape(checkpoint, tmp_path):
+    import safetensors.numpy
+
+    copy_checkpoint(checkpoint, tmp_path)
+    tensors = safetensors.numpy.load_file(str(tmp_path / "model.safetensors"))
+    tensors["model.final_norm.weight"] = np.zeros(17, np.float32)
+    safetensors.numpy.save_file(tensors, str(tmp_path / "model.safetensors"))
+    assert_one_line_error(run("hi", "--model", str(tmp_path)),
+                          "model.final_norm.weight has shape (17,), expected (16,)")
+
+
+def test_cli_config_contradicts_weights(checkpoint, tmp_path):
+    copy_checkpoint(checkpoint, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["intermediate_size"] = 2 * 48
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(run("hi", "--model", str(tmp_path)), "expected")
+
+
+def test_cli_forbidden_pickle(checkpoint, tmp_path):
+    """A .pt whose pickle would run a command is rejected and the command never runs."""
+    import zipfile
+
+    marker = tmp_path / "ran"
+    payload = b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
+    with zipfile.ZipFile(tmp_path / "2b.pt", "w") as archive:
+        archive.writestr("archive/data.pkl", payload)
+        archive.writestr("archive/version", "3\n")
+    (tmp_path / "tokenizer.model").write_bytes((checkpoint / "tokenizer.model").read_bytes())
+    assert_one_line_error(run("hi", "--model", str(tmp_path / "2b.pt")), "os.system")
+    assert not marker.exists()
