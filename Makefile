@@ -6,13 +6,16 @@ PYTHON ?= python3
 REF_VENV ?= .venv-ref
 REF_PYTHON = $(REF_VENV)/bin/python
 
-.PHONY: help setup test golden tools-env
+.PHONY: help setup demo test golden tools-env
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 setup:  ## Install rgref in editable mode with its test tools.
 	$(PYTHON) -m pip install -e '.[test]'
+
+demo: setup  ## Install, then generate text with the bundled small model.
+	$(PYTHON) -m rgref.generate "The secret of a happy life is" --max-new-tokens 60
 
 test:  ## Run the test suite (the same command CI runs).
 	$(PYTHON) -m pytest -q tests

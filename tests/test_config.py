@@ -2,6 +2,9 @@
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -98,3 +101,15 @@ def test_config_rejects_bad_fields():
         dataclasses.replace(base, width=-1)
     with pytest.raises(ConfigError, match="multiple of 4"):
         dataclasses.replace(base, width=60, num_heads=10, lru_width=60)
+
+
+def test_import_rgref_is_light():
+    """`import rgref` loads NumPy only: no tokenizer, safetensors, cffi or model code."""
+    script = ("import sys, rgref; heavy = [m for m in ('sentencepiece', 'safetensors', "
+              "'cffi', 'rgref.model', 'rgref.kernels', 'rgref._kernels', 'torch', 'jax') "
+              "if m in sys.modules]; print(heavy)")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=repo)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
