@@ -6,7 +6,7 @@ PYTHON ?= python3
 REF_VENV ?= .venv-ref
 REF_PYTHON = $(REF_VENV)/bin/python
 
-.PHONY: help setup demo test golden tools-env
+.PHONY: help setup demo test golden tools-env tiny-model
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -28,6 +28,9 @@ tools-env:  ## Create $(REF_VENV) with the official recurrentgemma (tools only).
 golden:  ## Re-export tests/golden from the official implementation (needs tools-env).
 	$(REF_PYTHON) tools/export_golden.py --out tests/golden
 
+tiny-model:  ## Retrain rgref/data/tiny (needs tools-env and `apt-get install -y fortunes`; 30-40 min).
+	$(REF_PYTHON) tools/train_tiny.py
+
 # The C kernels. Both targets honour CC (the C compiler) and RGREF_NO_OPENMP=1 (build
 # without OpenMP), e.g. `make build CC=clang`.
 .PHONY: build clean-build
@@ -39,3 +42,11 @@ build:  ## Compile the C kernels in place after editing csrc/ (pip install -e . 
 clean-build:  ## Delete the compiled kernels and build/; rgref then uses its NumPy code.
 	rm -rf build
 	rm -f rgref/_kernels.*.so rgref/_kernels.*.pyd
+
+# Benchmarks at RecurrentGemma-2B sizes on synthetic weights, written once to bench-cache/
+# (about 22 GB). The official recurrentgemma runs in REF_VENV; HF_PATH adds a directory
+# holding transformers (pip install --target) for the side-by-side runs.
+.PHONY: bench
+
+bench:  ## Measure speed and memory at 2B size (about an hour); rewrites docs/BENCHMARKS.md.
+	$(PYTHON) tools/bench.py --ref-python $(REF_PYTHON) $(if $(HF_PATH),--transformers-path $(HF_PATH)) --write docs/BENCHMARKS.md

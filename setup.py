@@ -7,7 +7,7 @@ uses its NumPy code; `make build` compiles them later.
 
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.errors import CCompilerError, ExecError, PlatformError
 
@@ -57,9 +57,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["rgref", "rgref.*"]),
+    # Namespace discovery also lists rgref.data.tiny, the bundled model's data directory.
+    packages=find_namespace_packages(include=["rgref", "rgref.*"]),
     include_package_data=True,
-    package_data={"rgref": ["data/*/*"]},
+    package_data={"rgref": ["data/*/*"], "rgref.data.tiny": ["*"]},
     setup_requires=["cffi>=1.15"],
     install_requires=["numpy>=1.24", "cffi>=1.15", "sentencepiece>=0.1.99", "safetensors>=0.4"],
     extras_require={"test": ["pytest>=7", "hypothesis>=6.80"]},

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 # =============================================================================
 
 def read_prompt(args) -> str | None:
-    """Return the prompt text, or None in interactive mode without one."""
+    """Return the prompt text: "" to start from BOS alone, None in interactive mode."""
     if args.prompt_file is not None:
         if args.prompt is not None:
             raise UsageError("give the prompt either as an argument or with --prompt-file, "
@@ -144,8 +144,11 @@ def read_prompt(args) -> str | None:
     elif args.prompt is None:
         if args.interactive:
             return None
-        raise UsageError("no prompt given; pass one as an argument, with --prompt-file, on "
-                         "standard input, or use --interactive")
+        if args.chat:
+            raise UsageError("no prompt given; --chat needs a message as an argument, with "
+                             "--prompt-file or on standard input")
+        # No prompt at a terminal: generate a document from its start (BOS alone).
+        return ""
     else:
         text = args.prompt
     if not text.strip():
@@ -211,9 +214,9 @@ class TextStream:
     suffix is written; a trailing partial character waits for its next byte.
     """
 
-    def __init__(self, tokenizer, out=sys.stdout):
+    def __init__(self, tokenizer, out=None):
         self.tokenizer = tokenizer
-        self.out = out
+        self.out = sys.stdout if out is None else out   # looked up now, not at import
         self.ids: list[int] = []
         self.written = 0
 
@@ -269,6 +272,9 @@ def run_once(model, tokenizer, prompt: str, args, sampling, seed: int) -> None:
         ids = tokenizer.encode_chat([("user", prompt)])
     else:
         ids = tokenizer.encode(prompt, add_bos=True)
+        if not prompt:
+            print("rgref: no prompt given; generating from the start of a document",
+                  file=sys.stderr)
     stream = TextStream(tokenizer)
     stop_ids = [i for i in (tokenizer.eos_id, tokenizer.end_of_turn_id) if i is not None]
     first_token_time = []

@@ -294,3 +294,18 @@ def test_cli_forbidden_pickle(checkpoint, tmp_path):
     (tmp_path / "tokenizer.model").write_bytes((checkpoint / "tokenizer.model").read_bytes())
     assert_one_line_error(run("hi", "--model", str(tmp_path / "2b.pt")), "os.system")
     assert not marker.exists()
+
+
+def test_no_prompt_at_terminal_starts_a_document(checkpoint, monkeypatch, capsys):
+    """Without a prompt or piped input, generation starts from BOS alone."""
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    args = generate.build_parser().parse_args(["--model", str(checkpoint)])
+    assert generate.read_prompt(args) == ""
+    chat = generate.build_parser().parse_args(["--model", str(checkpoint), "--chat"])
+    with pytest.raises(generate.UsageError, match="--chat needs a message"):
+        generate.read_prompt(chat)
+    assert generate.main(["--model", str(checkpoint), "--max-new-tokens", "5",
+                          "--temperature", "0"]) == 0
+    output = capsys.readouterr()
+    assert "generating from the start of a document" in output.err
+    assert output.out.strip()
