@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", metavar="PATH",
                         help=f"SentencePiece model (default: {TOKENIZER_FILE} beside the "
                              "weights)")
+    parser.add_argument("--preset", metavar="NAME",
+                        help="for a checkpoint without config.json (a Kaggle .pt file): the "
+                             "preset that supplies the attention window, soft cap and "
+                             "embedding scale (default: the preset whose shapes match)")
     parser.add_argument("--chat", action="store_true",
                         help="wrap the prompt in the instruction-tuned chat format "
                              "(for -it checkpoints)")
@@ -177,7 +181,7 @@ def load_model_and_tokenizer(args):
         path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)), TOKENIZER_FILE)
     try:
         tokenizer = Tokenizer(tokenizer_path)
-        model = load(path, dtype=np.dtype(args.compute_dtype),
+        model = load(path, dtype=np.dtype(args.compute_dtype), preset=args.preset,
                      weights_dtype=None if args.dtype == "stored" else args.dtype,
                      progress=ProgressBar("narrowing weights to bfloat16"))
     except (CheckpointError, ConfigError, TokenizerError) as e:

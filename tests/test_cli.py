@@ -309,3 +309,15 @@ def test_no_prompt_at_terminal_starts_a_document(checkpoint, monkeypatch, capsys
     output = capsys.readouterr()
     assert "generating from the start of a document" in output.err
     assert "generated 5 tokens" in output.err
+
+
+def test_kaggle_file_with_preset(checkpoint, tmp_path):
+    """A .pt checkpoint whose shapes match no preset loads with --preset."""
+    fixtures = os.path.join(REPO, "tests", "data", "torch")
+    (tmp_path / "2b.pt").write_bytes(open(os.path.join(fixtures, "griffin_tiny.pt"), "rb").read())
+    (tmp_path / "tokenizer.model").write_bytes((checkpoint / "tokenizer.model").read_bytes())
+    assert_one_line_error(run("hi", "--model", str(tmp_path)), "pass the preset")
+    # With the preset the checkpoint loads; this tiny fixture's 32-token vocabulary is then
+    # too small for the tokenizer, the next check the command makes.
+    result = run("hi", "--model", str(tmp_path), "--preset", "recurrentgemma-2b")
+    assert_one_line_error(result, "the model's embedding has 32 rows")
