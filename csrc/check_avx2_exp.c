@@ -1,15 +1,16 @@
-/* Check avx2_exp (rgref_kernels.c) against exp in double precision on every float32 in
+/* Check avx2_exp (kernels_common.h) against exp in double precision on every float32 in
  * [log(FLT_MIN), log(FLT_MAX)] and print the largest error in units in the last place.
  * Needs an x86-64 CPU with AVX2 and FMA, and takes about a minute on one core:
  *
  *   cc -O2 -ffp-contract=off -Icsrc csrc/check_avx2_exp.c -o /tmp/check_avx2_exp -lm
  *   /tmp/check_avx2_exp
  *
- * It includes the kernel source to reach the static function. It is not part of the
+ * It includes the kernel sources to reach the static function. It is not part of the
  * extension or the test suite; run it after changing avx2_exp and update the error
  * stated there.
  */
-#include "rgref_kernels.c"
+#include "kernels_common.h"
+#include "threads.c"
 
 #include <float.h>
 #include <stdio.h>

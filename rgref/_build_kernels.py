@@ -1,7 +1,7 @@
 """Build the compiled kernels, the extension module `rgref._kernels`, with cffi.
 
-cffi's out-of-line API mode compiles csrc/rgref_kernels.c with the generated
-wrapper code into one extension module. Two ways to run it:
+cffi's out-of-line API mode compiles the kernel sources in csrc/ (SOURCES) with
+the generated wrapper code into one extension module. Two ways to run it:
 
   python rgref/_build_kernels.py    compile in place (what `make build` runs), so the
                                     source tree and an editable install find it;
@@ -35,7 +35,13 @@ from cffi import FFI
 
 SOURCE_DIR = pathlib.Path(__file__).resolve().parent.parent / "csrc"
 HEADER = SOURCE_DIR / "rgref_kernels.h"
-SOURCE = SOURCE_DIR / "rgref_kernels.c"
+# The kernel sources, one per kernel family. csrc/check_*.c are stand-alone programs
+# that measure the error of the vectorised exp and tanh, not part of the module.
+SOURCES = [SOURCE_DIR / name for name in (
+    "threads.c", "rg_lru.c", "linear.c", "block_diagonal.c", "attention.c", "conv1d.c",
+    "elementwise.c",
+)]
+INTERNAL_HEADERS = [SOURCE_DIR / "kernels_common.h"]
 
 MODULE_NAME = "rgref._kernels"
 # NOTE: GCC and Clang flags. The build has been run with GCC 12 on Linux x86-64 only.
@@ -125,9 +131,9 @@ def make_ffibuilder(use_openmp: bool, absolute_paths: bool = False) -> FFI:
     builder.set_source(
         MODULE_NAME,
         '#include "rgref_kernels.h"',
-        sources=[path(SOURCE)],
+        sources=[path(source) for source in SOURCES],
         include_dirs=[path(SOURCE_DIR)],
-        depends=[path(HEADER)],
+        depends=[path(header) for header in [HEADER, *INTERNAL_HEADERS]],
         extra_compile_args=COMPILE_ARGS + openmp_args,
         extra_link_args=openmp_args,
         **options,
@@ -159,7 +165,11 @@ def build_in_place() -> pathlib.Path:
     for stale in package_dir.glob("_kernels.*"):
         if stale.suffix in (".so", ".pyd") and stale.name != built.name:
             stale.unlink()
-    shutil.copyfile(built, target)
+    # Write a new file and rename it over the old one: a running process that has the
+    # old module loaded keeps its copy, where overwriting it in place could crash it.
+    temporary = target.with_name(target.name + ".tmp")
+    shutil.copyfile(built, temporary)
+    os.replace(temporary, target)
     return target
 
 

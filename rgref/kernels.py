@@ -5,22 +5,27 @@
 returns False, `unavailable_reason()` returns the cause and how to build it, and
 every kernel call raises RuntimeError.
 
-Each kernel comes in three variants, chosen with `variant=`:
+Kernels: `rg_lru_scan`, `linear`, `block_diagonal_linear` (the RG-LRU gate
+projections), `local_attention` (a chunk of queries over itself and the
+key/value cache), `conv1d`, `gelu_tanh` and `soft_cap`. Each comes in three variants,
+chosen with `variant=`:
   "fast"      AVX2+FMA code when the CPU supports it, else the portable code;
               runs on `get_num_threads()` OpenMP threads
   "portable"  the fast structure in plain C (what CPUs without AVX2 run)
   "naive"     plain loops on one thread, written next to the formula
-The fast variants split work by channel or output feature, never inside one sum,
-so their results are bitwise identical at any thread count. A linear layer also
-gives each token the same bits whether it is computed alone or with others.
+The fast variants split work by channel, output feature or query, never inside
+one sum, so their results are bitwise identical at any thread count. The linear
+layers and attention also give each token the same bits whether it is computed
+alone or with others.
 
-Notation: B batch, T time, E RG-LRU width; a linear layer maps K input features
-to M output features.
+Notation: B batch, T time, E RG-LRU width, H heads, K head dimension, S window;
+a linear layer maps K input features to M output features.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 
 import numpy as np
 
@@ -272,7 +277,7 @@ def linear(
         }[variant]
         w_pointer = _pointer(ffi, "float[]", w)
     bias_pointer = ffi.NULL if bias is None else _pointer(ffi, "float[]", bias)
-    num_rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+    num_rows = math.prod(x.shape[:-1])
     kernel(
         _pointer(ffi, "float[]", x),
         w_pointer,
@@ -281,5 +286,281 @@ def linear(
         num_rows,
         num_in,
         num_out,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Block-diagonal linear layer (RG-LRU gates)
+# ---------------------------------------------------------------------------
+
+
+def block_diagonal_linear(
+    x: np.ndarray,
+    w: np.ndarray,
+    bias: np.ndarray | None = None,
+    *,
+    variant: str = "fast",
+) -> np.ndarray:
+    """Return the block-diagonal map of x: (..., E) -> (..., E), float32.
+
+    x: float32 (..., E). w: (H, E/H, E/H), each block stored [in, out] so that
+    block h maps x_h = x[..., h*E/H:(h+1)*E/H] to x_h @ w[h]; float32 or
+    bfloat16 bits, used in place. bias: (H, E/H) or (E,), float32 or bfloat16
+    bits, or None.
+    """
+    _check_variant(variant)
+    if not isinstance(x, np.ndarray) or x.ndim < 1:
+        raise ValueError(
+            f"x must be a numpy.ndarray with at least 1 dimension, got {type(x).__name__}"
+        )
+    _check_array("x", x, np.float32, x.ndim)
+    if not isinstance(w, np.ndarray) or w.dtype not in (np.float32, np.uint16):
+        dtype = getattr(w, "dtype", type(w).__name__)
+        raise ValueError(f"w must be a float32 or uint16 (bfloat16 bits) numpy.ndarray, got {dtype}")
+    _check_array("w", w, w.dtype, 3)
+    heads, width, width_out = w.shape
+    if width_out != width:
+        raise ValueError(f"w has shape {w.shape}, expected (H, E/H, E/H): square blocks")
+    if x.shape[-1] != heads * width:
+        raise ValueError(
+            f"x has {x.shape[-1]} features in its last dimension but w has shape {w.shape} "
+            f"(H, E/H, E/H), which expects E = {heads * width}"
+        )
+    if bias is not None:
+        if not isinstance(bias, np.ndarray) or bias.dtype not in (np.float32, np.uint16):
+            dtype = getattr(bias, "dtype", type(bias).__name__)
+            raise ValueError(
+                f"bias must be a float32 or uint16 (bfloat16 bits) numpy.ndarray, got {dtype}"
+            )
+        if bias.size != heads * width:
+            raise ValueError(f"bias has shape {bias.shape}, expected (H, E/H) = {(heads, width)}")
+        bias = np.ascontiguousarray(bfloat16_to_float32(bias) if is_bfloat16(bias) else bias)
+        bias = bias.reshape(heads * width)
+    out = np.empty(x.shape, dtype=np.float32)
+
+    module = _library()
+    ffi, lib = module.ffi, module.lib
+    if is_bfloat16(w):
+        kernel = {
+            "fast": lib.rgref_block_diagonal_linear_bf16,
+            "portable": lib.rgref_block_diagonal_linear_bf16_portable,
+            "naive": lib.rgref_block_diagonal_linear_bf16_naive,
+        }[variant]
+        w_pointer = _pointer(ffi, "uint16_t[]", w)
+    else:
+        kernel = {
+            "fast": lib.rgref_block_diagonal_linear_f32,
+            "portable": lib.rgref_block_diagonal_linear_f32_portable,
+            "naive": lib.rgref_block_diagonal_linear_f32_naive,
+        }[variant]
+        w_pointer = _pointer(ffi, "float[]", w)
+    num_rows = math.prod(x.shape[:-1])
+    kernel(
+        _pointer(ffi, "float[]", x),
+        w_pointer,
+        ffi.NULL if bias is None else _pointer(ffi, "float[]", bias),
+        _pointer(ffi, "float[]", out),
+        num_rows,
+        heads,
+        width,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Local attention
+# ---------------------------------------------------------------------------
+
+
+def local_attention(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    values: np.ndarray,
+    docs: np.ndarray,
+    cache_keys: np.ndarray,
+    cache_values: np.ndarray,
+    cache_docs: np.ndarray,
+    num_cached: int,
+    *,
+    variant: str = "fast",
+) -> np.ndarray:
+    """Return local multi-query attention of a chunk over itself and a cache: (B, T, H, K).
+
+    queries: float32 (B, T, H, K), rotated; the kernel scales the logits by K^-0.5.
+    keys, values: float32 (B, T, K), the chunk's own (keys rotated); docs: int64
+    (B, T) document ids. cache_keys, cache_values: float32 (B, S, K) and
+    cache_docs: int64 (B, S), a ring buffer where the token with stream index s
+    (0 for the first token ever seen) is in slot s % S. num_cached: how many tokens
+    came before the chunk. Query t (stream index num_cached + t) attends to stream
+    indices num_cached + t - S ... num_cached + t that exist and share its document:
+    S + 1 keys, the official window.
+    """
+    _check_variant(variant)
+    _check_array("queries", queries, np.float32, 4)
+    batch, time, heads, head_dim = queries.shape
+    for name, array in (("keys", keys), ("values", values)):
+        _check_array(name, array, np.float32, 3)
+        _check_shape(name, array, (batch, time, head_dim), "(B, T, K)")
+    _check_array("docs", docs, np.int64, 2)
+    _check_shape("docs", docs, (batch, time), "(B, T)")
+    _check_array("cache_keys", cache_keys, np.float32, 3)
+    window = cache_keys.shape[1]
+    _check_shape("cache_keys", cache_keys, (batch, window, head_dim), "(B, S, K)")
+    _check_array("cache_values", cache_values, np.float32, 3)
+    _check_shape("cache_values", cache_values, (batch, window, head_dim), "(B, S, K)")
+    _check_array("cache_docs", cache_docs, np.int64, 2)
+    _check_shape("cache_docs", cache_docs, (batch, window), "(B, S)")
+    if isinstance(num_cached, bool) or not isinstance(num_cached, (int, np.integer)) \
+            or num_cached < 0:
+        raise ValueError(f"num_cached must be an integer >= 0, got {num_cached!r}")
+    if window == 0 and num_cached > 0:
+        raise ValueError("num_cached must be 0 when the cache has no slots (S = 0)")
+    out = np.empty(queries.shape, dtype=np.float32)
+
+    module = _library()
+    ffi = module.ffi
+    kernel = {
+        "fast": module.lib.rgref_local_attention,
+        "portable": module.lib.rgref_local_attention_portable,
+        "naive": module.lib.rgref_local_attention_naive,
+    }[variant]
+    status = kernel(
+        _pointer(ffi, "float[]", queries),
+        _pointer(ffi, "float[]", keys),
+        _pointer(ffi, "float[]", values),
+        _pointer(ffi, "int64_t[]", docs),
+        _pointer(ffi, "float[]", cache_keys),
+        _pointer(ffi, "float[]", cache_values),
+        _pointer(ffi, "int64_t[]", cache_docs),
+        int(num_cached),
+        _pointer(ffi, "float[]", out),
+        batch,
+        time,
+        heads,
+        head_dim,
+        window,
+    )
+    if status != 0:
+        raise MemoryError(
+            f"local_attention could not allocate its scratch buffers of {window + 1} entries"
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Elementwise: GELU and the logit soft cap
+# ---------------------------------------------------------------------------
+
+
+def gelu_tanh(x: np.ndarray, up: np.ndarray | None = None, *, variant: str = "fast") -> np.ndarray:
+    """Return GELU (tanh approximation) of x, times `up` when given: float32, x's shape.
+
+    x, up: float32, C-contiguous, the same shape. With `up` this is the GeGLU
+    product gelu(gate) * up of the MLP block in one pass.
+    """
+    _check_variant(variant)
+    _check_array("x", x, np.float32, getattr(x, "ndim", 0))
+    if up is not None:
+        _check_array("up", up, np.float32, x.ndim)
+        _check_shape("up", up, x.shape, "(the shape of x)")
+    out = np.empty(x.shape, dtype=np.float32)
+    module = _library()
+    ffi = module.ffi
+    kernel = {
+        "fast": module.lib.rgref_gelu_tanh,
+        "portable": module.lib.rgref_gelu_tanh_portable,
+        "naive": module.lib.rgref_gelu_tanh_naive,
+    }[variant]
+    kernel(_pointer(ffi, "float[]", x), ffi.NULL if up is None else _pointer(ffi, "float[]", up),
+           _pointer(ffi, "float[]", out), x.size)
+    return out
+
+
+def soft_cap(x: np.ndarray, cap: float, *, out: np.ndarray | None = None,
+             variant: str = "fast") -> np.ndarray:
+    """Return cap * tanh(x / cap), float32 of x's shape; `out` may be x itself.
+
+    cap: a positive float (the model's logit soft cap, 30 in RecurrentGemma).
+    """
+    _check_variant(variant)
+    _check_array("x", x, np.float32, getattr(x, "ndim", 0))
+    if not (isinstance(cap, (int, float, np.floating)) and math.isfinite(cap) and cap > 0):
+        raise ValueError(f"cap must be a positive finite number, got {cap!r}")
+    if out is None:
+        out = np.empty(x.shape, dtype=np.float32)
+    else:
+        _check_array("out", out, np.float32, x.ndim, writeable=True)
+        _check_shape("out", out, x.shape, "(the shape of x)")
+        if out is not x and np.may_share_memory(out, x):
+            raise ValueError("out must be x itself or not share memory with it")
+    module = _library()
+    ffi = module.ffi
+    kernel = {
+        "fast": module.lib.rgref_soft_cap,
+        "portable": module.lib.rgref_soft_cap_portable,
+        "naive": module.lib.rgref_soft_cap_naive,
+    }[variant]
+    kernel(_pointer(ffi, "float[]", x), float(cap), _pointer(ffi, "float[]", out), x.size)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Conv1D
+# ---------------------------------------------------------------------------
+
+
+def conv1d(
+    x: np.ndarray,
+    segment_pos: np.ndarray,
+    taps: np.ndarray,
+    bias: np.ndarray,
+    x_history: np.ndarray,
+    pos_history: np.ndarray,
+    *,
+    variant: str = "fast",
+) -> np.ndarray:
+    """Return the causal depthwise Conv1D of x, bitwise equal to `rgref.layers.conv1d`.
+
+    x: float32 (B, T, E); segment_pos: int64 (B, T), 0 at a document start.
+    taps: float32 (W, E), the official layout (row W-1 multiplies the current
+    token; the Hugging Face weight (E, 1, W) is its transpose). bias: float32 (E,).
+    x_history: float32 (B, W-1, E) and pos_history: int64 (B, W-1), the inputs
+    before x and their segment_pos, oldest first. "portable" runs the fast code:
+    the Conv1D has no AVX2 code.
+    """
+    _check_variant(variant)
+    _check_array("x", x, np.float32, 3)
+    batch, time, channels = x.shape
+    _check_array("segment_pos", segment_pos, np.int64, 2)
+    _check_shape("segment_pos", segment_pos, (batch, time), "(B, T)")
+    _check_array("taps", taps, np.float32, 2)
+    width = taps.shape[0]
+    _check_shape("taps", taps, (width, channels), "(W, E)")
+    if width < 1:
+        raise ValueError(f"taps has shape {taps.shape}: the Conv1D needs at least one tap")
+    _check_array("bias", bias, np.float32, 1)
+    _check_shape("bias", bias, (channels,), "(E,)")
+    _check_array("x_history", x_history, np.float32, 3)
+    _check_shape("x_history", x_history, (batch, width - 1, channels), "(B, W-1, E)")
+    _check_array("pos_history", pos_history, np.int64, 2)
+    _check_shape("pos_history", pos_history, (batch, width - 1), "(B, W-1)")
+    out = np.empty(x.shape, dtype=np.float32)
+
+    module = _library()
+    ffi = module.ffi
+    kernel = module.lib.rgref_conv1d_naive if variant == "naive" else module.lib.rgref_conv1d
+    kernel(
+        _pointer(ffi, "float[]", x),
+        _pointer(ffi, "int64_t[]", segment_pos),
+        _pointer(ffi, "float[]", taps),
+        _pointer(ffi, "float[]", bias),
+        _pointer(ffi, "float[]", x_history),
+        _pointer(ffi, "int64_t[]", pos_history),
+        _pointer(ffi, "float[]", out),
+        batch,
+        time,
+        channels,
+        width,
     )
     return out

@@ -27,9 +27,10 @@ from rgref.dtypes import is_bfloat16, to_compute_dtype
 from rgref.names import EMBEDDING, FINAL_NORM, block_prefix, expected_shapes
 
 COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-# "numpy" runs rgref.layers as written; "c" runs the linear layers and the RG-LRU
-# scan in the compiled kernels (rgref.kernels), float32 only; "auto" picks "c"
-# when the kernels are built and the compute dtype is float32.
+# "numpy" runs rgref.layers as written. "c" runs the linear layers, the RG-LRU gates
+# and scan, the Conv1D, local attention and GELU in the compiled kernels
+# (rgref.kernels), float32 only. "auto" picks "c" when the kernels are built and the
+# compute dtype is float32.
 BACKENDS = ("auto", "c", "numpy")
 # Rows of a bfloat16 embedding table widened at a time for the output logits,
 # so a 256000 x 2560 table never exists as float32 (2.6 GB) all at once.
@@ -249,6 +250,10 @@ class Model:
         _put(record, "final_norm", x)
         logits = self._unembed(x, linear, backend)                      # (B, T, V)
         _put(record, "logits_before_soft_cap", logits)
+        # NOTE: the C path keeps NumPy's soft cap because tests compare the logits
+        # bitwise with layers.soft_cap of the recorded uncapped logits. It took 3% of a
+        # 128-token prompt at 2B sizes on one thread; rgref.kernels.soft_cap is faster
+        # but agrees with it only to 3 ulp of tanh.
         logits = layers.soft_cap(logits, c.logits_soft_cap)
 
         self._advance_cache(cache, segment_pos, docs)
@@ -274,7 +279,8 @@ class Model:
                                              cache, cache.blocks[i], linear, backend, record)
         else:
             temporal = self._attention_block(p + "temporal_block.", normed, segment_pos,
-                                             docs, cache, cache.blocks[i], linear, record)
+                                             docs, cache, cache.blocks[i], linear, backend,
+                                             record)
         _put(record, "temporal_block", temporal)
         h = x + temporal
         _put(record, "residual", h)
@@ -284,7 +290,8 @@ class Model:
         m = {name: self.params[p + "mlp_block." + name] for name in (
             "gate_proj.weight", "gate_proj.bias", "up_proj.weight", "up_proj.bias",
             "down_proj.weight", "down_proj.bias")}
-        mlp = layers.mlp_block(
+        mlp_block = _mlp_block_kernel if backend == "c" else layers.mlp_block
+        mlp = mlp_block(
             normed, m["gate_proj.weight"], m["gate_proj.bias"], m["up_proj.weight"],
             m["up_proj.bias"], m["down_proj.weight"], m["down_proj.bias"], record,
             linear=linear)
@@ -297,23 +304,38 @@ class Model:
                          linear: Callable, backend: str, record: dict | None) -> np.ndarray:
         """linear_out(rg_lru(conv1d(linear_x(x))) * gelu(linear_y(x))): (B, T, D) -> same."""
         w = self.params
-        y = layers.gelu_tanh(linear(x, w[p + "linear_y.weight"], w[p + "linear_y.bias"]))
+        y = linear(x, w[p + "linear_y.weight"], w[p + "linear_y.bias"])
+        if backend == "c":
+            from rgref import kernels
+            y = kernels.gelu_tanh(y)
+        else:
+            y = layers.gelu_tanh(y)
         _put(record, "linear_y", y)                                     # (B, T, E)
         x = linear(x, w[p + "linear_x.weight"], w[p + "linear_x.bias"])  # (B, T, E)
         _put(record, "linear_x", x)
 
         conv_input = x
-        x = layers.conv1d(x, segment_pos, self._weight(p + "conv_1d.weight"),
-                          self._weight(p + "conv_1d.bias"),
-                          state.conv1d_state, cache.recent_segment_pos)
+        conv_weight = self._weight(p + "conv_1d.weight")               # (E, 1, W)
+        if backend == "c":
+            from rgref import kernels
+            # Bitwise the same as layers.conv1d; the kernel takes the taps as (W, E).
+            x = kernels.conv1d(np.ascontiguousarray(x, np.float32), segment_pos,
+                               np.ascontiguousarray(conv_weight[:, 0, :].T),
+                               self._weight(p + "conv_1d.bias"), state.conv1d_state,
+                               cache.recent_segment_pos)
+        else:
+            x = layers.conv1d(x, segment_pos, conv_weight, self._weight(p + "conv_1d.bias"),
+                              state.conv1d_state, cache.recent_segment_pos)
         _put(record, "conv1d", x)
 
-        lru = [self._weight(p + "rg_lru." + name) for name in (
-            "recurrent_param", "input_gate_weight", "input_gate_bias",
-            "recurrent_gate_weight", "recurrent_gate_bias")]
+        lru_names = ("recurrent_param", "input_gate_weight", "input_gate_bias",
+                     "recurrent_gate_weight", "recurrent_gate_bias")
         if backend == "c":
+            # The gate kernels read float32 and bfloat16 weights in place.
+            lru = [_kernel_weight(w[p + "rg_lru." + name]) for name in lru_names]
             x = _rg_lru_kernel(x, segment_pos, *lru, state, record)
         else:
+            lru = [self._weight(p + "rg_lru." + name) for name in lru_names]
             x, state.rg_lru_state = layers.rg_lru(x, segment_pos, *lru,
                                                   h0=state.rg_lru_state, record=record)
         state.conv1d_state = _last_steps(state.conv1d_state, conv_input)
@@ -321,7 +343,7 @@ class Model:
         return linear(x * y, w[p + "linear_out.weight"], w[p + "linear_out.bias"])
 
     def _attention_block(self, p: str, x, segment_pos, docs, cache: Cache,
-                         state: AttentionState, linear: Callable,
+                         state: AttentionState, linear: Callable, backend: str,
                          record: dict | None) -> np.ndarray:
         """Local multi-query attention with RoPE: (B, T, D) -> (B, T, D)."""
         c = self.config
@@ -338,18 +360,25 @@ class Model:
         _put(record, "keys", keys)
         _put(record, "values", values)
 
-        # The S tokens before this chunk, oldest first: stream index n - S + j
-        # is in ring slot (n + j) % S, and does not exist when negative.
         n = cache.num_tokens
-        order = (n + np.arange(S)) % S
-        key_valid = np.concatenate([np.broadcast_to(n - S + np.arange(S) >= 0, (B, S)),
-                                    np.ones((B, T), bool)], axis=1)    # (B, S + T)
-        all_keys = np.concatenate([state.keys[:, order], keys], axis=1)  # (B, S + T, K)
-        all_values = np.concatenate([state.values[:, order], values], axis=1)
-        all_docs = np.concatenate([state.docs[:, order], docs], axis=1)
-
-        encoded = layers.local_attention(queries, all_keys, all_values, key_valid, docs,
-                                         all_docs, S)                   # (B, T, H, K)
+        if backend == "c":
+            # The kernel reads the ring buffer in place, without the copies below.
+            from rgref import kernels
+            encoded = kernels.local_attention(
+                np.ascontiguousarray(queries), np.ascontiguousarray(keys),
+                np.ascontiguousarray(values), np.ascontiguousarray(docs, np.int64),
+                state.keys, state.values, state.docs, n)                # (B, T, H, K)
+        else:
+            # The S tokens before this chunk, oldest first: stream index n - S + j
+            # is in ring slot (n + j) % S, and does not exist when negative.
+            order = (n + np.arange(S)) % S
+            key_valid = np.concatenate([np.broadcast_to(n - S + np.arange(S) >= 0, (B, S)),
+                                        np.ones((B, T), bool)], axis=1)    # (B, S + T)
+            all_keys = np.concatenate([state.keys[:, order], keys], axis=1)  # (B, S + T, K)
+            all_values = np.concatenate([state.values[:, order], values], axis=1)
+            all_docs = np.concatenate([state.docs[:, order], docs], axis=1)
+            encoded = layers.local_attention(queries, all_keys, all_values, key_valid, docs,
+                                             all_docs, S)                   # (B, T, H, K)
         _put(record, "attention", encoded.reshape(B, T, H * K))
 
         # Store the last min(T, S) tokens in their ring slots.
@@ -440,22 +469,44 @@ def _check_backend(backend: str) -> None:
 def _rg_lru_kernel(x, segment_pos, a_param, input_gate_weight, input_gate_bias,
                    recurrent_gate_weight, recurrent_gate_bias, state: RecurrentState,
                    record: dict | None) -> np.ndarray:
-    """`layers.rg_lru` with the gates, decay and scan fused in the C kernel."""
+    """`layers.rg_lru` on the C kernels: the gate projections, then the gates, decay and
+    scan fused in one kernel. Weights may be float32 or bfloat16 bits."""
     from rgref import kernels
 
-    gate_x_pre = layers.block_diagonal_linear(x, input_gate_weight, input_gate_bias)
-    gate_a_pre = layers.block_diagonal_linear(x, recurrent_gate_weight, recurrent_gate_bias)
+    x = np.ascontiguousarray(x, np.float32)
+    gate_x_pre = kernels.block_diagonal_linear(x, input_gate_weight, input_gate_bias)
+    gate_a_pre = kernels.block_diagonal_linear(x, recurrent_gate_weight, recurrent_gate_bias)
+    a_param = to_compute_dtype(a_param, np.float32)
     if record is not None:
         gate_a = layers.sigmoid(gate_a_pre)
         record["rg_lru.gate_x"] = layers.sigmoid(gate_x_pre)
         record["rg_lru.gate_a"] = gate_a
         record["rg_lru.a"] = np.exp(-layers.RG_LRU_C * gate_a * layers.softplus(a_param))
     # The kernel updates the state in place; the cache owns this array.
-    y = kernels.rg_lru_scan(np.ascontiguousarray(x), np.ascontiguousarray(gate_x_pre),
-                            np.ascontiguousarray(gate_a_pre), np.ascontiguousarray(a_param),
+    y = kernels.rg_lru_scan(x, gate_x_pre, gate_a_pre, np.ascontiguousarray(a_param),
                             segment_pos.astype(np.int32), state.rg_lru_state)
     _put(record, "rg_lru.output", y)
     return y
+
+
+def _mlp_block_kernel(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias,
+                      record: dict | None, linear: Callable) -> np.ndarray:
+    """`layers.mlp_block` with gelu(gate) * up in one C kernel pass: (B, T, D) -> same."""
+    from rgref import kernels
+
+    gate = linear(x, gate_weight, gate_bias)                            # (B, T, M)
+    up = linear(x, up_weight, up_bias)                                  # (B, T, M)
+    hidden = kernels.gelu_tanh(gate, up)
+    _put(record, "mlp.hidden", hidden)
+    return linear(hidden, down_weight, down_bias)                       # (B, T, D)
+
+
+def _kernel_weight(weight: np.ndarray) -> np.ndarray:
+    """Return `weight` unchanged if float32 or bfloat16 bits, which the kernels read, else
+    as float32."""
+    if weight.dtype in (np.float32, np.uint16):
+        return weight
+    return to_compute_dtype(weight, np.float32)
 
 
 def _put(record: dict | None, name: str, value: np.ndarray) -> None:

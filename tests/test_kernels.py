@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rgref import kernels
+from rgref import kernels, layers
 from rgref.dtypes import bfloat16_to_float32, float32_to_bfloat16
 
 needs_kernels = pytest.mark.skipif(
@@ -127,8 +127,8 @@ def make_linear_case(seed, n, k, m, weight_dtype, bias_kind):
 
 
 # K from two ranges: short rows (all tail, or a few 8-lane steps) and rows as long as
-# the model's, where a weight block holds only 12 to 24 rows, so M <= 100 spans
-# several blocks and the threads split them.
+# the model's. Threads take 96 or 128 rows of W at a time, so M <= 100 rarely splits;
+# test_linear_blocked_shapes and test_linear_model_size cover the split.
 linear_shapes = st.tuples(
     st.integers(1, 40),
     st.one_of(st.integers(0, 40), st.integers(2000, 2600)),
@@ -236,6 +236,36 @@ def test_linear_empty_shapes():
     bias = np.arange(4, dtype=np.float32)
     y = kernels.linear(np.zeros((2, 0), np.float32), np.zeros((4, 0), np.float32), bias)
     assert np.array_equal(y, np.broadcast_to(bias, (2, 4)))
+
+
+# Shapes for the matrix-matrix structure's blocking: several 96-row weight blocks per
+# thread, several 512-column depth blocks with a K mod 8 tail, and x row counts that
+# leave a partial 4-row tile.
+GEMM_BLOCKING_SHAPES = [(4, 520, 400), (9, 777, 250), (13, 2056, 193), (66, 264, 97)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("n, k, m", GEMM_BLOCKING_SHAPES)
+def test_linear_blocked_shapes(weight_dtype, n, k, m):
+    x, w, w_f32, bias, bias_f32 = make_linear_case(n * k + m, n, k, m, weight_dtype, "float32")
+    expected, bound = linear_oracle(x, w_f32, bias_f32)
+    for variant in FAST_VARIANTS:
+        by_threads = {}
+        for num_threads in THREAD_COUNTS:
+            with thread_count(num_threads):
+                by_threads[num_threads] = kernels.linear(x, w, bias, variant=variant)
+            assert_within_bound(by_threads[num_threads], expected, bound,
+                                f"linear {variant} {weight_dtype} N={n} K={k} M={m} "
+                                f"threads={num_threads}")
+        assert np.array_equal(by_threads[1], by_threads[2]), (
+            f"linear {variant} N={n} K={k} M={m}: 1-thread and 2-thread results differ")
+        # The first and last rows alone take the matrix-vector structure.
+        for row in (0, n - 1):
+            alone = kernels.linear(x[row : row + 1], w, bias, variant=variant)
+            assert np.array_equal(alone[0], by_threads[1][row]), (
+                f"linear {variant} N={n} K={k} M={m}: row {row} alone differs from the "
+                f"same row computed with the others")
 
 
 # ---------------------------------------------------------------------------
@@ -391,6 +421,27 @@ def test_rg_lru_scan_model_width(variant):
 
 
 @needs_kernels
+@pytest.mark.parametrize("variant", FAST_VARIANTS)
+@pytest.mark.parametrize("batch, time, width", [(1, 40, 1000), (3, 16, 700)])
+def test_rg_lru_scan_threads_same_bits(variant, batch, time, width):
+    # Scans of fewer than 32768 channel steps run on one thread, so the property test's
+    # shapes never split; these are above that size.
+    case = make_rg_lru_case(17, batch, time, width, 0.1, True, True)
+    x, gate_x_pre, gate_a_pre, a_param, segment_pos, h0 = case
+    results = []
+    for num_threads in THREAD_COUNTS:
+        h = h0.copy()
+        with thread_count(num_threads):
+            y = kernels.rg_lru_scan(x, gate_x_pre, gate_a_pre, a_param, segment_pos, h,
+                                    variant=variant)
+        results.append((y, h))
+    assert np.array_equal(results[0][0], results[1][0]), (
+        f"rg_lru_scan {variant} B={batch} T={time} E={width}: y differs at 1 and 2 threads")
+    assert np.array_equal(results[0][1], results[1][1]), (
+        f"rg_lru_scan {variant} B={batch} T={time} E={width}: h differs at 1 and 2 threads")
+
+
+@needs_kernels
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
 def test_rg_lru_scan_chunks_continue_state(variant):
     # Scanning T steps at once or in two calls that pass h along gives the same bits.
@@ -419,6 +470,511 @@ def test_rg_lru_scan_empty_shapes():
     y = kernels.rg_lru_scan(empty, empty, empty, a_param, np.zeros((2, 0), np.int32), h)
     assert y.shape == (2, 0, width)
     assert np.array_equal(h, np.ones((2, width), np.float32))
+
+
+# ---------------------------------------------------------------------------
+# Block-diagonal linear layer (RG-LRU gates)
+# ---------------------------------------------------------------------------
+
+
+def block_diagonal_oracle(x, w_f32, bias_f32):
+    """Return the block-diagonal map in float64 and a bound on the float32 error.
+
+    Each output is a W-term dot product plus a bias, so the bound of `linear_oracle`
+    applies: gamma(W + 1) * (sum |x_r w_rc| + |bias_c|).
+    """
+    heads, width, _ = w_f32.shape
+    x64 = x.astype(np.float64).reshape(*x.shape[:-1], heads, width)
+    w64 = w_f32.astype(np.float64)
+    expected = np.einsum("...hr,hrc->...hc", x64, w64)
+    magnitude = np.einsum("...hr,hrc->...hc", np.abs(x64), np.abs(w64))
+    if bias_f32 is not None:
+        expected = expected + bias_f32.reshape(heads, width)
+        magnitude = magnitude + np.abs(bias_f32.reshape(heads, width))
+    terms = width + 1
+    gamma = terms * U / (1 - terms * U)
+    return expected.reshape(x.shape), (gamma * magnitude).reshape(x.shape)
+
+
+def make_block_diagonal_case(seed, n, heads, width, weight_dtype, with_bias):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, heads * width), dtype=np.float32)
+    w_f32 = rng.standard_normal((heads, width, width), dtype=np.float32) * np.float32(0.1)
+    w = w_f32
+    if weight_dtype == "bfloat16":
+        w = float32_to_bfloat16(w_f32)
+        w_f32 = bfloat16_to_float32(w)
+    bias = rng.standard_normal((heads, width), dtype=np.float32) if with_bias else None
+    return x, w, w_f32, bias
+
+
+@needs_kernels
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
+@settings(**PROPERTY_SETTINGS)
+@given(
+    n=st.integers(1, 20),
+    heads=st.integers(1, 4),
+    # Multiples of 16 take the AVX2 tiles; other widths the portable ones.
+    width=st.one_of(st.sampled_from([16, 32, 48]), st.integers(1, 40)),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_block_diagonal_matches_float64_oracle(weight_dtype, n, heads, width, with_bias,
+                                               seed):
+    x, w, w_f32, bias = make_block_diagonal_case(seed, n, heads, width, weight_dtype,
+                                                 with_bias)
+    expected, bound = block_diagonal_oracle(x, w_f32, bias)
+    results = {}
+    for variant in ALL_VARIANTS:
+        for num_threads in THREAD_COUNTS:
+            with thread_count(num_threads):
+                y = kernels.block_diagonal_linear(x, w, bias, variant=variant)
+            label = (f"block_diagonal_linear {variant} {weight_dtype} N={n} H={heads} "
+                     f"W={width} threads={num_threads}")
+            assert_within_bound(y, expected, bound, label)
+            results[variant, num_threads] = y
+
+    for variant in FAST_VARIANTS:
+        assert np.array_equal(results[variant, 1], results[variant, 2]), (
+            f"block_diagonal_linear {variant}: 1-thread and 2-thread results differ")
+        for row in (0, n - 1):
+            alone = kernels.block_diagonal_linear(x[row : row + 1], w, bias, variant=variant)
+            assert np.array_equal(alone[0], results[variant, 1][row]), (
+                f"block_diagonal_linear {variant}: row {row} alone differs from the same "
+                f"row computed with the others")
+    if weight_dtype == "bfloat16":
+        widened = kernels.block_diagonal_linear(x, w_f32, bias)
+        assert np.array_equal(widened, results["fast", 1]), (
+            "block_diagonal_linear: bfloat16 weights and the same weights widened to "
+            "float32 give different results")
+
+
+@needs_kernels
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
+def test_block_diagonal_model_size(weight_dtype):
+    # The RG-LRU gates of recurrentgemma-2b: 10 blocks of 256 x 256, a 3-D input.
+    x, w, w_f32, bias = make_block_diagonal_case(3, 14, 10, 256, weight_dtype, True)
+    expected, bound = block_diagonal_oracle(x, w_f32, bias)
+    for variant in ALL_VARIANTS:
+        y = kernels.block_diagonal_linear(x.reshape(2, 7, 2560), w, bias, variant=variant)
+        assert y.shape == (2, 7, 2560)
+        assert_within_bound(y.reshape(14, 2560), expected, bound,
+                            f"block_diagonal_linear {variant} {weight_dtype} model size")
+
+
+BLOCK_DIAGONAL_INVALID_INPUTS = [
+    (dict(x=np.zeros((2, 6))), "x must have dtype float32"),
+    (dict(x=np.zeros((2, 8), np.float32)), r"x has 8 features .* expects E = 6"),
+    (dict(w=np.zeros((2, 3, 3), np.float16)), "w must be a float32 or uint16"),
+    (dict(w=np.zeros((2, 3, 4), np.float32)), r"expected \(H, E/H, E/H\)"),
+    (dict(w=np.zeros((6, 6), np.float32)), "w must have 3 dimensions"),
+    (dict(bias=np.zeros(5, np.float32)), r"bias has shape \(5,\)"),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("changes, message", BLOCK_DIAGONAL_INVALID_INPUTS)
+def test_block_diagonal_rejects_invalid_input(changes, message):
+    arguments = dict(x=np.zeros((2, 6), np.float32), w=np.zeros((2, 3, 3), np.float32),
+                     bias=None)
+    arguments.update(changes)
+    with pytest.raises(ValueError, match=message):
+        kernels.block_diagonal_linear(**arguments)
+
+
+# ---------------------------------------------------------------------------
+# Local attention
+# ---------------------------------------------------------------------------
+
+
+def attention_inputs_in_time_order(keys, values, docs, cache_keys, cache_values,
+                                   cache_docs, num_cached):
+    """Return the S cached tokens (oldest first) and the chunk's, as `layers.local_attention`
+    takes them: keys, values (B, S + T, K), key_valid and key docs (B, S + T)."""
+    batch, window = cache_docs.shape
+    order = (num_cached + np.arange(window)) % window
+    exists = num_cached - window + np.arange(window) >= 0
+    key_valid = np.concatenate([np.broadcast_to(exists, (batch, window)),
+                                np.ones(docs.shape, bool)], axis=1)
+    return (np.concatenate([cache_keys[:, order], keys], axis=1),
+            np.concatenate([cache_values[:, order], values], axis=1),
+            key_valid,
+            np.concatenate([cache_docs[:, order], docs], axis=1))
+
+
+def attention_oracle(queries, keys, values, docs, cache_keys, cache_values, cache_docs,
+                     num_cached):
+    """Return `layers.local_attention` in float64 and a bound on the float32 error.
+
+    The bound, first order in U and doubled: a logit l_s = (q . k_s) / sqrt(K) is off by
+    e_s <= gamma(K + 2) * sum |q_d k_sd| / sqrt(K). Logit errors move p_s by at most
+    2 max e relative (softmax is shift invariant). Subtracting the max, exp (within
+    1.01 ulp), the sum of the exps and the division add U |l_s - max| + 5 U +
+    gamma(S + 1) relative. The output, a sum of S + 1 products, adds gamma(S + 2)
+    relative to sum p_s |v_s|.
+    """
+    window = cache_keys.shape[1]
+    batch, time, heads, head_dim = queries.shape
+    all_keys, all_values, key_valid, key_docs = (a.astype(np.float64) if a.dtype.kind == "f"
+                                                 else a for a in attention_inputs_in_time_order(
+        keys, values, docs, cache_keys, cache_values, cache_docs, num_cached))
+    q64 = queries.astype(np.float64)
+    expected = layers.local_attention(q64, all_keys, all_values, key_valid, docs, key_docs,
+                                      window)
+
+    def gamma(n):
+        return n * U / (1 - n * U)
+
+    # Recompute the probabilities in float64 to size the bound.
+    scale = head_dim**-0.5
+    bound = np.zeros_like(expected)
+    for t in range(time):
+        seen = np.arange(window + time)
+        in_window = (seen <= window + t) & (seen >= t)
+        mask = in_window[None] & key_valid & (key_docs == docs[:, t : t + 1])   # (B, S + T)
+        logits = np.einsum("bhk,blk->bhl", q64[:, t], all_keys) * scale
+        logit_error = gamma(head_dim + 2) * np.einsum(
+            "bhk,blk->bhl", np.abs(q64[:, t]), np.abs(all_keys)) * scale
+        logits = np.where(mask[:, None], logits, -np.inf)
+        top = logits.max(axis=-1, keepdims=True)
+        probs = np.exp(logits - top)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        max_error = np.where(mask[:, None], logit_error, 0).max(axis=-1, keepdims=True)
+        relative = (2 * max_error + U * np.where(mask[:, None], np.abs(logits - top), 0)
+                    + 5 * U + gamma(window + 1) + gamma(window + 2))
+        bound[:, t] = 2 * np.einsum("bhl,blk->bhk", probs * relative, np.abs(all_values))
+    return expected, bound
+
+
+def make_attention_case(seed, batch, time, heads, head_dim, window, num_cached, num_docs):
+    rng = np.random.default_rng(seed)
+    queries = rng.standard_normal((batch, time, heads, head_dim), dtype=np.float32)
+    keys = rng.standard_normal((batch, time, head_dim), dtype=np.float32)
+    values = rng.standard_normal((batch, time, head_dim), dtype=np.float32)
+    cache_keys = rng.standard_normal((batch, window, head_dim), dtype=np.float32)
+    cache_values = rng.standard_normal((batch, window, head_dim), dtype=np.float32)
+    # Document ids never decrease along the stream, as in the model.
+    stream_docs = np.sort(rng.integers(0, num_docs, (batch, num_cached + time)), axis=1)
+    docs = stream_docs[:, num_cached:].astype(np.int64)
+    cache_docs = np.full((batch, window), -5, np.int64)  # slots never written
+    for s in range(max(0, num_cached - window), num_cached):
+        cache_docs[:, s % window] = stream_docs[:, s]
+    return queries, keys, values, docs, cache_keys, cache_values, cache_docs
+
+
+@needs_kernels
+@settings(**PROPERTY_SETTINGS)
+@given(
+    batch=st.integers(1, 2),
+    time=st.integers(1, 12),
+    heads=st.integers(1, 3),
+    head_dim=st.sampled_from([1, 8, 12, 32]),
+    window=st.integers(1, 9),
+    cached_windows=st.sampled_from([0.0, 0.5, 1.0, 2.7]),
+    num_docs=st.sampled_from([1, 3]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_local_attention_matches_float64_oracle(batch, time, heads, head_dim, window,
+                                                cached_windows, num_docs, seed):
+    num_cached = int(cached_windows * window)
+    case = make_attention_case(seed, batch, time, heads, head_dim, window, num_cached,
+                               num_docs)
+    expected, bound = attention_oracle(*case, num_cached)
+    results = {}
+    for variant in ALL_VARIANTS:
+        for num_threads in THREAD_COUNTS:
+            with thread_count(num_threads):
+                out = kernels.local_attention(*case, num_cached, variant=variant)
+            label = (f"local_attention {variant} B={batch} T={time} H={heads} K={head_dim} "
+                     f"S={window} cached={num_cached} threads={num_threads}")
+            assert_within_bound(out, expected, bound, label)
+            results[variant, num_threads] = out
+    for variant in FAST_VARIANTS:
+        assert np.array_equal(results[variant, 1], results[variant, 2]), (
+            f"local_attention {variant}: 1-thread and 2-thread results differ")
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", FAST_VARIANTS)
+@pytest.mark.parametrize("num_cached", [0, 3, 11])
+def test_local_attention_last_token_alone_same_bits(variant, num_cached):
+    # Decoding the chunk's last token after the others went into the cache gives the
+    # same bits as computing it within the chunk.
+    batch, time, heads, head_dim, window = 2, 6, 2, 16, 5
+    queries, keys, values, docs, cache_keys, cache_values, cache_docs = make_attention_case(
+        7, batch, time, heads, head_dim, window, num_cached, 2)
+    together = kernels.local_attention(queries, keys, values, docs, cache_keys,
+                                       cache_values, cache_docs, num_cached, variant=variant)
+    for t in range(time - 1):
+        slot = (num_cached + t) % window
+        cache_keys[:, slot] = keys[:, t]
+        cache_values[:, slot] = values[:, t]
+        cache_docs[:, slot] = docs[:, t]
+    last = slice(time - 1, time)
+    alone = kernels.local_attention(
+        np.ascontiguousarray(queries[:, last]), np.ascontiguousarray(keys[:, last]),
+        np.ascontiguousarray(values[:, last]), np.ascontiguousarray(docs[:, last]),
+        cache_keys, cache_values, cache_docs, num_cached + time - 1, variant=variant)
+    assert np.array_equal(alone[:, 0], together[:, -1])
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_local_attention_model_size(variant):
+    # recurrentgemma-2b decoding: 10 heads of 256, a full 2048-token window, one token.
+    case = make_attention_case(5, 1, 1, 10, 256, 2048, 3000, 1)
+    expected, bound = attention_oracle(*case, 3000)
+    out = kernels.local_attention(*case, 3000, variant=variant)
+    assert_within_bound(out, expected, bound, f"local_attention {variant} model size")
+
+
+def valid_attention_inputs(batch=1, time=2, heads=2, head_dim=4, window=3):
+    return dict(
+        queries=np.zeros((batch, time, heads, head_dim), np.float32),
+        keys=np.zeros((batch, time, head_dim), np.float32),
+        values=np.zeros((batch, time, head_dim), np.float32),
+        docs=np.zeros((batch, time), np.int64),
+        cache_keys=np.zeros((batch, window, head_dim), np.float32),
+        cache_values=np.zeros((batch, window, head_dim), np.float32),
+        cache_docs=np.zeros((batch, window), np.int64),
+        num_cached=0,
+    )
+
+
+ATTENTION_INVALID_INPUTS = [
+    ("queries", np.zeros((1, 2, 4), np.float32), "queries must have 4 dimensions"),
+    ("keys", np.zeros((1, 2, 5), np.float32), r"keys has shape \(1, 2, 5\)"),
+    ("values", np.zeros((1, 2, 4), np.float64), "values must have dtype float32"),
+    ("docs", np.zeros((1, 2), np.int32), "docs must have dtype int64"),
+    ("cache_keys", np.zeros((1, 3, 5), np.float32), r"cache_keys has shape \(1, 3, 5\)"),
+    ("cache_values", np.zeros((1, 4, 4), np.float32), r"cache_values has shape \(1, 4, 4\)"),
+    ("cache_docs", np.zeros((1, 4), np.int64), r"cache_docs has shape \(1, 4\)"),
+    ("num_cached", -1, "num_cached must be an integer >= 0"),
+    ("num_cached", 1.0, "num_cached must be an integer >= 0"),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("name, value, message", ATTENTION_INVALID_INPUTS)
+def test_local_attention_rejects_invalid_input(name, value, message):
+    inputs = valid_attention_inputs()
+    inputs[name] = value
+    with pytest.raises(ValueError, match=message):
+        kernels.local_attention(**inputs)
+
+
+# ---------------------------------------------------------------------------
+# Conv1D
+# ---------------------------------------------------------------------------
+
+
+def make_conv1d_case(seed, batch, time, channels, width, reset_rate):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, time, channels), dtype=np.float32)
+    weight = rng.standard_normal((channels, 1, width), dtype=np.float32)  # Hugging Face
+    bias = rng.standard_normal(channels, dtype=np.float32)
+    x_history = rng.standard_normal((batch, width - 1, channels), dtype=np.float32)
+    positions = make_segment_pos(rng, batch, width - 1 + time, reset_rate, True)
+    positions = positions.astype(np.int64)
+    segment_pos = np.ascontiguousarray(positions[:, width - 1:])
+    pos_history = np.ascontiguousarray(positions[:, :width - 1])
+    return x, segment_pos, weight, bias, x_history, pos_history
+
+
+@needs_kernels
+@settings(**PROPERTY_SETTINGS)
+@given(
+    batch=st.integers(1, 3),
+    time=st.one_of(st.integers(1, 10), st.integers(60, 160)),
+    channels=st.integers(1, 40),
+    width=st.integers(1, 5),
+    reset_rate=st.sampled_from([0.0, 0.2, 0.6]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_conv1d_same_bits_as_numpy(batch, time, channels, width, reset_rate, seed):
+    # The kernel does NumPy's float32 operations in NumPy's order, so the results are
+    # bitwise equal. Up to 480 steps: the fast variant splits them across 2 threads.
+    x, segment_pos, weight, bias, x_history, pos_history = make_conv1d_case(
+        seed, batch, time, channels, width, reset_rate)
+    expected = layers.conv1d(x, segment_pos, weight, bias, x_history, pos_history)
+    taps = np.ascontiguousarray(weight[:, 0, :].T)                      # (W, E)
+    for variant in ALL_VARIANTS:
+        for num_threads in THREAD_COUNTS:
+            with thread_count(num_threads):
+                y = kernels.conv1d(x, segment_pos, taps, bias, x_history, pos_history,
+                                   variant=variant)
+            assert np.array_equal(y, expected), (
+                f"conv1d {variant} B={batch} T={time} E={channels} W={width} "
+                f"threads={num_threads}: {int((y != expected).sum())} of {y.size} values "
+                f"differ from rgref.layers.conv1d, worst by {np.abs(y - expected).max():.3g}")
+
+
+CONV1D_INVALID_INPUTS = [
+    ("x", np.zeros((1, 2, 3)), "x must have dtype float32"),
+    ("segment_pos", np.zeros((1, 2), np.int32), "segment_pos must have dtype int64"),
+    ("taps", np.zeros((4, 2), np.float32), r"taps has shape \(4, 2\), expected \(4, 3\)"),
+    ("taps", np.zeros((0, 3), np.float32), "at least one tap"),
+    ("bias", np.zeros(2, np.float32), r"bias has shape \(2,\)"),
+    ("x_history", np.zeros((1, 2, 3), np.float32), r"x_history has shape \(1, 2, 3\)"),
+    ("pos_history", np.zeros((1, 4), np.int64), r"pos_history has shape \(1, 4\)"),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("name, value, message", CONV1D_INVALID_INPUTS)
+def test_conv1d_rejects_invalid_input(name, value, message):
+    inputs = dict(x=np.zeros((1, 2, 3), np.float32), segment_pos=np.zeros((1, 2), np.int64),
+                  taps=np.zeros((4, 3), np.float32), bias=np.zeros(3, np.float32),
+                  x_history=np.zeros((1, 3, 3), np.float32),
+                  pos_history=np.zeros((1, 3), np.int64))
+    inputs[name] = value
+    with pytest.raises(ValueError, match=message):
+        kernels.conv1d(**inputs)
+
+
+# ---------------------------------------------------------------------------
+# Elementwise: GELU and the logit soft cap
+# ---------------------------------------------------------------------------
+
+# Relative error of tanh: the kernels' own tanh is within 2.7 ulp over every float
+# (csrc/check_tanh.c), that is 5.4 U; glibc's tanhf, which the naive kernels call,
+# lists 2 ulp. One ulp of a float t is at most 2 U |t|.
+TANH_ERROR = 6 * U
+
+
+def gelu_oracle(x, up):
+    """Return gelu_tanh(x) (times up) in float64 and a bound on the float32 error.
+
+    First order, then doubled: u = c (x + a x^3) is off by 7 U relative (the cube,
+    two products, the sum of same-sign terms and the float32 constants c and a). An
+    argument error of d |u| moves tanh by at most d |tanh u|, so t = tanh(u) is off by
+    (7 U + TANH_ERROR) |t|; 1 + t adds U |1 + t|, the product with 0.5 x one U more, and
+    the product with `up` another.
+    """
+    x64 = x.astype(np.float64)
+    inner = np.sqrt(2 / np.pi) * (x64 + 0.044715 * x64**3)
+    t = np.tanh(inner)
+    expected = 0.5 * x64 * (1 + t)
+    bound = 0.5 * np.abs(x64) * ((7 * U + TANH_ERROR) * np.abs(t) + U * np.abs(1 + t))
+    bound += U * np.abs(expected)
+    if up is not None:
+        up64 = up.astype(np.float64)
+        bound = bound * np.abs(up64) + U * np.abs(expected * up64)
+        expected = expected * up64
+    return expected, 2 * bound
+
+
+def soft_cap_oracle(x, cap):
+    """Return cap * tanh(x / cap) in float64 and a bound on the float32 error.
+
+    x / cap is off by U relative, which moves tanh by at most U |tanh|; tanh adds
+    TANH_ERROR and the product with cap one U: (2 U + TANH_ERROR) |result|, doubled.
+    """
+    expected = cap * np.tanh(x.astype(np.float64) / cap)
+    return expected, 2 * (2 * U + TANH_ERROR) * np.abs(expected)
+
+
+def make_elementwise_input(seed, n, scale):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(n) * scale).astype(np.float32)
+
+
+@needs_kernels
+@settings(**PROPERTY_SETTINGS)
+@given(
+    n=st.one_of(st.integers(0, 40), st.integers(1000, 5000)),
+    scale=st.sampled_from([0.01, 1.0, 5.0, 100.0]),
+    with_up=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_gelu_matches_float64_oracle(n, scale, with_up, seed):
+    x = make_elementwise_input(seed, n, scale)
+    up = make_elementwise_input(seed + 1, n, 1.0) if with_up else None
+    expected, bound = gelu_oracle(x, up)
+    for variant in ALL_VARIANTS:
+        y = kernels.gelu_tanh(x, up, variant=variant)
+        assert y.dtype == np.float32
+        assert_within_bound(y, expected, bound, f"gelu_tanh {variant} n={n} scale={scale}")
+
+
+@needs_kernels
+@settings(**PROPERTY_SETTINGS)
+@given(
+    n=st.one_of(st.integers(0, 40), st.integers(1000, 5000)),
+    scale=st.sampled_from([0.01, 1.0, 30.0, 1000.0]),
+    cap=st.sampled_from([1.0, 30.0, 50.5]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_soft_cap_matches_float64_oracle(n, scale, cap, seed):
+    x = make_elementwise_input(seed, n, scale)
+    expected, bound = soft_cap_oracle(x, cap)
+    for variant in ALL_VARIANTS:
+        y = kernels.soft_cap(x, cap, variant=variant)
+        assert_within_bound(y, expected, bound,
+                            f"soft_cap {variant} n={n} scale={scale} cap={cap}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", FAST_VARIANTS)
+def test_elementwise_threads_same_bits(variant):
+    # 100003 elements: more than the 16384 per thread below which the kernels use one
+    # thread, and not a multiple of 8.
+    x = make_elementwise_input(3, 100_003, 20.0)
+    up = make_elementwise_input(4, 100_003, 1.0)
+    results = {}
+    for num_threads in THREAD_COUNTS:
+        with thread_count(num_threads):
+            results[num_threads] = (kernels.gelu_tanh(x, up, variant=variant),
+                                    kernels.soft_cap(x, 30.0, variant=variant))
+    assert np.array_equal(results[1][0], results[2][0]), "gelu_tanh differs at 1 and 2 threads"
+    assert np.array_equal(results[1][1], results[2][1]), "soft_cap differs at 1 and 2 threads"
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_elementwise_special_values(variant):
+    # The same IEEE results as the NumPy formulas, NaN included (gelu(-inf) is
+    # -inf * 0 = NaN in both).
+    x = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 1e20, -1e20, 1e-40, -3e38],
+                 np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected_gelu = layers.gelu_tanh(x)
+        expected_cap = layers.soft_cap(x, 30.0)
+    np.testing.assert_array_equal(kernels.gelu_tanh(x, variant=variant), expected_gelu)
+    np.testing.assert_array_equal(kernels.soft_cap(x, 30.0, variant=variant), expected_cap)
+
+
+@needs_kernels
+def test_soft_cap_in_place():
+    x = make_elementwise_input(5, 1001, 50.0)
+    expected = kernels.soft_cap(x, 30.0)
+    result = kernels.soft_cap(x, 30.0, out=x)
+    assert result is x
+    assert np.array_equal(x, expected)
+
+
+def soft_cap_into_overlapping_out():
+    buffer = np.zeros(4, np.float32)
+    return kernels.soft_cap(buffer[:3], 1.0, out=buffer[1:])
+
+
+ELEMENTWISE_INVALID_CALLS = [
+    (lambda: kernels.gelu_tanh(np.zeros(3)), "x must have dtype float32"),
+    (lambda: kernels.gelu_tanh(np.zeros(3, np.float32), np.zeros(4, np.float32)),
+     r"up has shape \(4,\)"),
+    (lambda: kernels.soft_cap(np.zeros(3, np.float32), 0.0), "cap must be a positive"),
+    (lambda: kernels.soft_cap(np.zeros(3, np.float32), float("nan")), "cap must be a positive"),
+    (soft_cap_into_overlapping_out, "out must be x itself or not share memory"),
+    (lambda: kernels.soft_cap(np.zeros(4, np.float32)[:3], 1.0,
+                              out=np.zeros(3, np.float64)), "out must have dtype float32"),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("call, message", ELEMENTWISE_INVALID_CALLS)
+def test_elementwise_rejects_invalid_input(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
 
 
 # ---------------------------------------------------------------------------

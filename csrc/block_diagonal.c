@@ -1,0 +1,263 @@
+/* Block-diagonal linear layer, the RG-LRU gate projections (see rgref_kernels.h).
+ *
+ * y[i, h * P + c] = sum_r x[i, h * P + r] * w[h, r, c] + bias[h * P + c]
+ * for N rows i, H heads h and the block width P = E / H. Each weight block is stored
+ * [in, out] (the layout of both official checkpoints), so the columns c of one row r
+ * of a block are contiguous.
+ *
+ * Summation order: every output adds its P products one at a time in increasing r,
+ * starting from zero, then adds the bias. The AVX2 path fuses each multiply and add
+ * (FMA); the portable and naive paths round them separately. A tile computes 16
+ * columns of up to 6 rows of x, one column per lane, so no tile shape, row count or
+ * thread count changes that order. The fast kernels therefore give the same bits on
+ * any number of threads, and for a row alone or with others.
+ *
+ * Threads take (head, 16-column chunk) items one at a time (OpenMP dynamic schedule).
+ * With bfloat16 weights and several rows of x, each item first widens its chunk of the
+ * weight block (P rows by 16 columns, 16 KiB at P = 256) into a float32 buffer, which
+ * then serves every tile of x rows. Widening is exact, so the buffer does not change
+ * any result.
+ */
+#include "kernels_common.h"
+
+/* Columns per work item: two AVX2 vectors. */
+#define CHUNK_COLUMNS 16
+
+/* Rows of x per tile: 6 rows by 16 columns use 12 of the 16 ymm registers. */
+#define TILE_ROWS 6
+
+/* Rows of x from which a bfloat16 weight chunk is widened into a buffer first. With
+   fewer rows, widening costs more than reading the bfloat16 weights in the tiles. */
+#define WIDEN_MIN_ROWS 4
+
+/* ------------------------------------------------------------------------------------
+ * Naive
+ */
+
+static void block_diagonal_naive(const float *x, const void *w, int w_is_bf16,
+                                 const float *bias, float *y, int64_t n, int64_t heads,
+                                 int64_t width) {
+    int64_t features = heads * width;
+    for (int64_t i = 0; i < n; i++) {
+        for (int64_t h = 0; h < heads; h++) {
+            for (int64_t c = 0; c < width; c++) {
+                float sum = 0.0f;
+                for (int64_t r = 0; r < width; r++) {
+                    sum += x[i * features + h * width + r] *
+                           weight_at(w, (h * width + r) * width + c, w_is_bf16);
+                }
+                if (bias != NULL) {
+                    sum += bias[h * width + c];
+                }
+                y[i * features + h * width + c] = sum;
+            }
+        }
+    }
+}
+
+void rgref_block_diagonal_linear_f32_naive(const float *x, const float *w, const float *bias,
+                                           float *y, int64_t n, int64_t heads,
+                                           int64_t width) {
+    block_diagonal_naive(x, w, 0, bias, y, n, heads, width);
+}
+
+void rgref_block_diagonal_linear_bf16_naive(const float *x, const uint16_t *w,
+                                            const float *bias, float *y, int64_t n,
+                                            int64_t heads, int64_t width) {
+    block_diagonal_naive(x, w, 1, bias, y, n, heads, width);
+}
+
+/* ------------------------------------------------------------------------------------
+ * Tiles: rows [0, rows) of x against `columns` (at most CHUNK_COLUMNS) columns of one
+ * weight block. x points at the block's first input of row 0 (row stride `features`),
+ * w at column 0 of the chunk in row 0 of the block (row stride w_stride), y and bias
+ * at the chunk's first output.
+ */
+
+static void portable_chunk(const float *x, const void *w, int w_is_bf16, int64_t w_stride,
+                           const float *bias, float *y, int64_t rows, int64_t columns,
+                           int64_t width, int64_t features) {
+    for (int64_t i0 = 0; i0 < rows; i0 += TILE_ROWS) {
+        int64_t tile_rows = min_i64(TILE_ROWS, rows - i0);
+        float acc[TILE_ROWS][CHUNK_COLUMNS] = {{0.0f}};
+        for (int64_t r = 0; r < width; r++) {
+            float w_row[CHUNK_COLUMNS];
+            for (int64_t c = 0; c < columns; c++) {
+                w_row[c] = weight_at(w, r * w_stride + c, w_is_bf16);
+            }
+            for (int64_t i = 0; i < tile_rows; i++) {
+                float x_value = x[(i0 + i) * features + r];
+                for (int64_t c = 0; c < columns; c++) {
+                    acc[i][c] += x_value * w_row[c];
+                }
+            }
+        }
+        for (int64_t i = 0; i < tile_rows; i++) {
+            for (int64_t c = 0; c < columns; c++) {
+                float sum = acc[i][c];
+                if (bias != NULL) {
+                    sum += bias[c];
+                }
+                y[(i0 + i) * features + c] = sum;
+            }
+        }
+    }
+}
+
+#if RGREF_HAVE_AVX2_CODE
+
+/* tile_rows rows of x by 16 columns. */
+RGREF_AVX2_INLINE void avx2_tile(int tile_rows, const float *x, const void *w,
+                                 int w_is_bf16, int64_t w_stride, const float *bias, float *y,
+                                 int64_t width, int64_t features) {
+    __m256 acc[TILE_ROWS][2];
+    for (int i = 0; i < tile_rows; i++) {
+        acc[i][0] = _mm256_setzero_ps();
+        acc[i][1] = _mm256_setzero_ps();
+    }
+    for (int64_t r = 0; r < width; r++) {
+        __m256 w_low = avx2_load_weights(w, r * w_stride, w_is_bf16);
+        __m256 w_high = avx2_load_weights(w, r * w_stride + LANES, w_is_bf16);
+        for (int i = 0; i < tile_rows; i++) {
+            __m256 x_value = _mm256_broadcast_ss(x + i * features + r);
+            acc[i][0] = _mm256_fmadd_ps(x_value, w_low, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(x_value, w_high, acc[i][1]);
+        }
+    }
+    for (int i = 0; i < tile_rows; i++) {
+        if (bias != NULL) {
+            acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(bias));
+            acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(bias + LANES));
+        }
+        _mm256_storeu_ps(y + i * features, acc[i][0]);
+        _mm256_storeu_ps(y + i * features + LANES, acc[i][1]);
+    }
+}
+
+RGREF_AVX2_INLINE void avx2_chunk(const float *x, const void *w, int w_is_bf16,
+                                  int64_t w_stride, const float *bias, float *y, int64_t rows,
+                                  int64_t width, int64_t features) {
+    int64_t i = 0;
+    for (; i + TILE_ROWS <= rows; i += TILE_ROWS) {
+        avx2_tile(TILE_ROWS, x + i * features, w, w_is_bf16, w_stride, bias,
+                  y + i * features, width, features);
+    }
+    for (; i < rows; i++) {
+        avx2_tile(1, x + i * features, w, w_is_bf16, w_stride, bias, y + i * features, width,
+                  features);
+    }
+}
+
+static RGREF_AVX2 void avx2_chunk_f32(const float *x, const void *w, int64_t w_stride,
+                                      const float *bias, float *y, int64_t rows,
+                                      int64_t width, int64_t features) {
+    avx2_chunk(x, w, 0, w_stride, bias, y, rows, width, features);
+}
+
+static RGREF_AVX2 void avx2_chunk_bf16(const float *x, const void *w, int64_t w_stride,
+                                       const float *bias, float *y, int64_t rows,
+                                       int64_t width, int64_t features) {
+    avx2_chunk(x, w, 1, w_stride, bias, y, rows, width, features);
+}
+
+#endif /* RGREF_HAVE_AVX2_CODE */
+
+/* ------------------------------------------------------------------------------------
+ * Dispatch
+ */
+
+static void block_diagonal_parallel(int use_avx2, const float *x, const void *w,
+                                    int w_is_bf16, const float *bias, float *y, int64_t n,
+                                    int64_t heads, int64_t width) {
+    if (n == 0 || heads == 0 || width == 0) {
+        return;
+    }
+    int64_t features = heads * width;
+    int64_t chunks_per_head = (width + CHUNK_COLUMNS - 1) / CHUNK_COLUMNS;
+    int64_t num_items = heads * chunks_per_head;
+    /* The AVX2 tiles need whole 16-column chunks. */
+#if RGREF_HAVE_AVX2_CODE
+    use_avx2 = use_avx2 && width % CHUNK_COLUMNS == 0;
+#else
+    (void)use_avx2;
+#endif
+    int num_threads = rgref_get_num_threads();
+    (void)num_threads; /* unused without OpenMP */
+
+#ifdef _OPENMP
+#pragma omp parallel num_threads(num_threads)
+#endif
+    {
+        /* A thread whose buffer allocation fails reads the bfloat16 weights directly,
+           which gives the same result. */
+        float *widened = w_is_bf16 && n >= WIDEN_MIN_ROWS
+                             ? malloc(sizeof(float) * (size_t)width * CHUNK_COLUMNS)
+                             : NULL;
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t item = 0; item < num_items; item++) {
+            int64_t h = item / chunks_per_head;
+            int64_t c = item % chunks_per_head * CHUNK_COLUMNS;
+            int64_t columns = min_i64(CHUNK_COLUMNS, width - c);
+            const float *x_block = x + h * width;
+            const float *bias_chunk = bias != NULL ? bias + h * width + c : NULL;
+            float *y_chunk = y + h * width + c;
+
+            /* The chunk: `width` rows of `columns` weights, row stride w_stride. */
+            int64_t w_offset = h * width * width + c;
+            const void *w_chunk = w_is_bf16 ? (const void *)((const uint16_t *)w + w_offset)
+                                            : (const void *)((const float *)w + w_offset);
+            int chunk_is_bf16 = w_is_bf16;
+            int64_t w_stride = width;
+            if (widened != NULL) {
+                for (int64_t r = 0; r < width; r++) {
+                    for (int64_t column = 0; column < columns; column++) {
+                        widened[r * CHUNK_COLUMNS + column] =
+                            weight_at(w_chunk, r * width + column, 1);
+                    }
+                }
+                w_chunk = widened;
+                chunk_is_bf16 = 0;
+                w_stride = CHUNK_COLUMNS;
+            }
+#if RGREF_HAVE_AVX2_CODE
+            if (use_avx2) {
+                if (chunk_is_bf16) {
+                    avx2_chunk_bf16(x_block, w_chunk, w_stride, bias_chunk, y_chunk, n, width,
+                                    features);
+                } else {
+                    avx2_chunk_f32(x_block, w_chunk, w_stride, bias_chunk, y_chunk, n, width,
+                                   features);
+                }
+                continue;
+            }
+#endif
+            portable_chunk(x_block, w_chunk, chunk_is_bf16, w_stride, bias_chunk, y_chunk, n,
+                           columns, width, features);
+        }
+        free(widened);
+    }
+}
+
+void rgref_block_diagonal_linear_f32(const float *x, const float *w, const float *bias,
+                                     float *y, int64_t n, int64_t heads, int64_t width) {
+    block_diagonal_parallel(rgref_uses_avx2(), x, w, 0, bias, y, n, heads, width);
+}
+
+void rgref_block_diagonal_linear_bf16(const float *x, const uint16_t *w, const float *bias,
+                                      float *y, int64_t n, int64_t heads, int64_t width) {
+    block_diagonal_parallel(rgref_uses_avx2(), x, w, 1, bias, y, n, heads, width);
+}
+
+void rgref_block_diagonal_linear_f32_portable(const float *x, const float *w,
+                                              const float *bias, float *y, int64_t n,
+                                              int64_t heads, int64_t width) {
+    block_diagonal_parallel(0, x, w, 0, bias, y, n, heads, width);
+}
+
+void rgref_block_diagonal_linear_bf16_portable(const float *x, const uint16_t *w,
+                                               const float *bias, float *y, int64_t n,
+                                               int64_t heads, int64_t width) {
+    block_diagonal_parallel(0, x, w, 1, bias, y, n, heads, width);
+}

@@ -1,0 +1,563 @@
+/* Linear layer: y[N, M] = x[N, K] @ W[M, K]^T + bias[M] (see rgref_kernels.h).
+ *
+ * Summation order. Every fast path computes each output as the same dot product:
+ * eight lane sums, lane l adding x[k] * w[k] for k = l, l + 8, ... in increasing k,
+ * then the lanes added pairwise as ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)),
+ * then the last K mod 8 products one by one, then the bias. The tile shape, the
+ * blocking, the number of rows N and the thread count never change that order. So a
+ * row of y is bitwise the same on any number of threads, and whether it is computed
+ * alone (decoding) or with other tokens (prefill). The AVX2 path fuses each lane's
+ * multiply and add (FMA) but the portable path rounds them separately, so the two
+ * paths differ in the last bits.
+ *
+ * Two loop structures share that order:
+ *
+ *   Matrix-vector (N < GEMM_MIN_ROWS, always when decoding one token). The time goes
+ *   into reading W from memory once. Threads take chunks of contiguous rows of W and
+ *   walk them in tiles of 4 or 8 rows, reading bfloat16 or float32
+ *   weights in place, so every x row meets each weight while it is in a register.
+ *
+ *   Matrix-matrix (N >= GEMM_MIN_ROWS, prompts). The time goes into multiply-adds.
+ *   Threads take blocks of GEMM_BLOCK_ROWS rows of W and cut them into
+ *   GEMM_BLOCK_DEPTH columns. A bfloat16 block is widened
+ *   once into a float32 buffer (192 KiB, so it stays in the L2 cache), then
+ *   every tile of x rows passes over it. A tile keeps 4 x rows by 3 W rows of lane
+ *   sums (12 registers) and updates them with 7 loads per 12 FMAs. The lane sums of
+ *   all N rows against the block wait in a buffer between depth blocks. Storing and
+ *   reloading a float is exact, so the blocking does not change any result.
+ *
+ * Why not BLAS for prompts: on one core of a 2-core AMD EPYC VM (AVX2, FMA peak 37.6
+ * GFLOP/s per core there), this code ran bfloat16 weights at 29-31 GFLOP/s for
+ * N = 64..512 and the model's shapes, where NumPy's OpenBLAS ran float32 weights at
+ * 29-35 GFLOP/s for N = 512 and 20 GFLOP/s for N = 64 (CPU time, one run each). Widening
+ * the weights for BLAS would also cost a float32 copy of each matrix and give a prompt
+ * token other bits than the same token decoded alone.
+ */
+#include "kernels_common.h"
+
+/* Rows of x from which the matrix-matrix structure is used. */
+#define GEMM_MIN_ROWS 4
+
+/* Rows of W per matrix-vector tile: independent FMA chains, each reading its own
+   stream of weights. With one x row, 8 streams read about 15 GB/s where 4 streams read
+   13 GB/s (bfloat16 7680 x 2560 weights from memory, 2 threads on a 2-core AMD EPYC VM,
+   a few runs). With 2 or 3 x rows, 4 W rows keep the 8 or 12 sums in registers. */
+#define DOT_TILE_ROWS_ONE_X 8
+#define DOT_TILE_ROWS 4
+
+/* Rows of x and of W per matrix-matrix tile. */
+#define GEMM_TILE_X_ROWS 4
+#define GEMM_TILE_W_ROWS 3
+
+/* The W block of the matrix-matrix structure: GEMM_BLOCK_ROWS rows (a multiple of
+   GEMM_TILE_W_ROWS) by GEMM_BLOCK_DEPTH columns (a multiple of LANES). 96 x 512
+   floats are 192 KiB, which stays in a 512 KiB or larger L2 cache. A tile reloads and
+   stores its 12 lane sums once per 64 steps of 12 FMAs. */
+#define GEMM_BLOCK_ROWS 96
+#define GEMM_BLOCK_DEPTH 512
+
+/* Threads take chunks of rows of W one at a time as they finish the previous one
+   (OpenMP dynamic schedule): GEMM_BLOCK_ROWS rows for the matrix-matrix structure, and
+   DOT_CHUNK_ROWS rows (640 KB of bfloat16 at K = 2560) for the matrix-vector one. A
+   thread that shares its core with another process then takes fewer chunks, where an
+   even split would make the other thread wait for it. Which thread computes a row
+   does not change its bits. */
+#define DOT_CHUNK_ROWS 128
+
+/* Return the address of row `row` of a [M, K] weight matrix. */
+static inline const void *weight_row(const void *w, int64_t row, int64_t k, int w_is_bf16) {
+    if (w_is_bf16) {
+        return (const uint16_t *)w + row * k;
+    }
+    return (const float *)w + row * k;
+}
+
+/* Add the lanes in the shared pairwise order, then the tail and the bias. */
+static inline float finish_dot(const float lanes[LANES], const float *x_row,
+                               const void *w_row, int w_is_bf16, int64_t k_main,
+                               int64_t k, const float *bias) {
+    float sum = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) +
+                ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+    for (int64_t p = k_main; p < k; p++) {
+        sum += x_row[p] * weight_at(w_row, p, w_is_bf16);
+    }
+    if (bias != NULL) {
+        sum += *bias;
+    }
+    return sum;
+}
+
+/* ------------------------------------------------------------------------------------
+ * Naive
+ */
+
+static void linear_naive(const float *x, const void *w, int w_is_bf16, const float *bias,
+                         float *y, int64_t n, int64_t k, int64_t m) {
+    for (int64_t i = 0; i < n; i++) {
+        for (int64_t j = 0; j < m; j++) {
+            float sum = 0.0f;
+            for (int64_t p = 0; p < k; p++) {
+                sum += x[i * k + p] * weight_at(w, j * k + p, w_is_bf16);
+            }
+            if (bias != NULL) {
+                sum += bias[j];
+            }
+            y[i * m + j] = sum;
+        }
+    }
+}
+
+void rgref_linear_f32_naive(const float *x, const float *w, const float *bias, float *y,
+                            int64_t n, int64_t k, int64_t m) {
+    linear_naive(x, w, 0, bias, y, n, k, m);
+}
+
+void rgref_linear_bf16_naive(const float *x, const uint16_t *w, const float *bias,
+                             float *y, int64_t n, int64_t k, int64_t m) {
+    linear_naive(x, w, 1, bias, y, n, k, m);
+}
+
+/* ------------------------------------------------------------------------------------
+ * Tiles
+ *
+ * dot_tile: rows_x rows of x (at most GEMM_MIN_ROWS - 1) against rows_w rows of W (at
+ * most DOT_TILE_ROWS_ONE_X), over all K columns, writing finished outputs
+ * y[i * m + j].
+ *
+ * gemm_tile: rows_x rows of x (at most GEMM_TILE_X_ROWS, row stride x_stride) against
+ * rows_w rows of a float32 W block (row stride w_stride), over `depth` columns. It
+ * adds to the lane sums in partial[(i * partial_stride + j) * LANES + lane], starting
+ * from zero when `first` is set.
+ *
+ * The callers pass constant tile sizes, so the compiler unrolls the tile loops and
+ * keeps the sums in registers.
+ */
+
+static inline void portable_dot_tile(int rows_x, int rows_w, const float *x,
+                                     const void *w, int w_is_bf16, const float *bias,
+                                     float *y, int64_t k, int64_t m) {
+    float acc[GEMM_MIN_ROWS - 1][DOT_TILE_ROWS_ONE_X][LANES] = {{{0.0f}}};
+    int64_t k_main = k - k % LANES;
+
+    for (int64_t p = 0; p < k_main; p += LANES) {
+        float w_lanes[DOT_TILE_ROWS_ONE_X][LANES];
+        for (int j = 0; j < rows_w; j++) {
+            for (int l = 0; l < LANES; l++) {
+                w_lanes[j][l] = weight_at(w, j * k + p + l, w_is_bf16);
+            }
+        }
+        for (int i = 0; i < rows_x; i++) {
+            for (int j = 0; j < rows_w; j++) {
+                for (int l = 0; l < LANES; l++) {
+                    acc[i][j][l] += x[i * k + p + l] * w_lanes[j][l];
+                }
+            }
+        }
+    }
+
+    for (int i = 0; i < rows_x; i++) {
+        for (int j = 0; j < rows_w; j++) {
+            y[i * m + j] = finish_dot(acc[i][j], x + i * k, weight_row(w, j, k, w_is_bf16),
+                                      w_is_bf16, k_main, k, bias != NULL ? bias + j : NULL);
+        }
+    }
+}
+
+static inline void portable_gemm_tile(int rows_x, int rows_w, const float *x,
+                                      int64_t x_stride, const float *w, int64_t w_stride,
+                                      int64_t depth, float *partial, int64_t partial_stride,
+                                      int first) {
+    float acc[GEMM_TILE_X_ROWS][GEMM_TILE_W_ROWS][LANES];
+    for (int i = 0; i < rows_x; i++) {
+        for (int j = 0; j < rows_w; j++) {
+            for (int l = 0; l < LANES; l++) {
+                acc[i][j][l] = first ? 0.0f : partial[(i * partial_stride + j) * LANES + l];
+            }
+        }
+    }
+
+    for (int64_t p = 0; p < depth; p += LANES) {
+        for (int i = 0; i < rows_x; i++) {
+            for (int j = 0; j < rows_w; j++) {
+                for (int l = 0; l < LANES; l++) {
+                    acc[i][j][l] += x[i * x_stride + p + l] * w[j * w_stride + p + l];
+                }
+            }
+        }
+    }
+
+    for (int i = 0; i < rows_x; i++) {
+        for (int j = 0; j < rows_w; j++) {
+            for (int l = 0; l < LANES; l++) {
+                partial[(i * partial_stride + j) * LANES + l] = acc[i][j][l];
+            }
+        }
+    }
+}
+
+#if RGREF_HAVE_AVX2_CODE
+
+RGREF_AVX2_INLINE void avx2_dot_tile(int rows_x, int rows_w, const float *x, const void *w,
+                                     int w_is_bf16, const float *bias, float *y, int64_t k,
+                                     int64_t m) {
+    __m256 acc[GEMM_MIN_ROWS - 1][DOT_TILE_ROWS_ONE_X];
+    for (int i = 0; i < rows_x; i++) {
+        for (int j = 0; j < rows_w; j++) {
+            acc[i][j] = _mm256_setzero_ps();
+        }
+    }
+    int64_t k_main = k - k % LANES;
+
+    for (int64_t p = 0; p < k_main; p += LANES) {
+        for (int j = 0; j < rows_w; j++) {
+            __m256 w_lanes = avx2_load_weights(w, j * k + p, w_is_bf16);
+            for (int i = 0; i < rows_x; i++) {
+                acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * k + p), w_lanes, acc[i][j]);
+            }
+        }
+    }
+
+    for (int i = 0; i < rows_x; i++) {
+        for (int j = 0; j < rows_w; j++) {
+            float lanes[LANES];
+            _mm256_storeu_ps(lanes, acc[i][j]);
+            y[i * m + j] = finish_dot(lanes, x + i * k, weight_row(w, j, k, w_is_bf16),
+                                      w_is_bf16, k_main, k, bias != NULL ? bias + j : NULL);
+        }
+    }
+}
+
+RGREF_AVX2_INLINE void avx2_gemm_tile(int rows_x, int rows_w, const float *x,
+                                      int64_t x_stride, const float *w, int64_t w_stride,
+                                      int64_t depth, float *partial, int64_t partial_stride,
+                                      int first) {
+    __m256 acc[GEMM_TILE_X_ROWS][GEMM_TILE_W_ROWS];
+    for (int i = 0; i < rows_x; i++) {
+        for (int j = 0; j < rows_w; j++) {
+            acc[i][j] = first ? _mm256_setzero_ps()
+                              : _mm256_loadu_ps(partial + (i * partial_stride + j) * LANES);
+        }
+    }
+
+    for (int64_t p = 0; p < depth; p += LANES) {
+        __m256 w_lanes[GEMM_TILE_W_ROWS];
+        for (int j = 0; j < rows_w; j++) {
+            w_lanes[j] = _mm256_loadu_ps(w + j * w_stride + p);
+        }
+        for (int i = 0; i < rows_x; i++) {
+            __m256 x_lanes = _mm256_loadu_ps(x + i * x_stride + p);
+            for (int j = 0; j < rows_w; j++) {
+                acc[i][j] = _mm256_fmadd_ps(x_lanes, w_lanes[j], acc[i][j]);
+            }
+        }
+    }
+
+    for (int i = 0; i < rows_x; i++) {
+        for (int j = 0; j < rows_w; j++) {
+            _mm256_storeu_ps(partial + (i * partial_stride + j) * LANES, acc[i][j]);
+        }
+    }
+}
+
+#endif /* RGREF_HAVE_AVX2_CODE */
+
+/* ------------------------------------------------------------------------------------
+ * Matrix-vector structure: outputs [j_begin, j_end) of all N < GEMM_MIN_ROWS rows.
+ *
+ * The inline functions take the tile sizes and the weight type as arguments. The
+ * static functions below them call them with constants, one copy per combination,
+ * so each copy compiles without branches on them.
+ */
+
+static inline void portable_dot_rows(int rows_x, const float *x, const void *w,
+                                     int w_is_bf16, const float *bias, float *y, int64_t k,
+                                     int64_t m, int64_t j_begin, int64_t j_end) {
+    int tile_rows = rows_x == 1 ? DOT_TILE_ROWS_ONE_X : DOT_TILE_ROWS;
+    int64_t j = j_begin;
+    for (; j + tile_rows <= j_end; j += tile_rows) {
+        portable_dot_tile(rows_x, tile_rows, x, weight_row(w, j, k, w_is_bf16),
+                          w_is_bf16, bias != NULL ? bias + j : NULL, y + j, k, m);
+    }
+    for (; j < j_end; j++) {
+        portable_dot_tile(rows_x, 1, x, weight_row(w, j, k, w_is_bf16), w_is_bf16,
+                          bias != NULL ? bias + j : NULL, y + j, k, m);
+    }
+}
+
+static void dot_rows_portable(const float *x, const void *w, int w_is_bf16,
+                              const float *bias, float *y, int64_t n, int64_t k, int64_t m,
+                              int64_t j_begin, int64_t j_end) {
+    if (w_is_bf16) {
+        if (n == 1) {
+            portable_dot_rows(1, x, w, 1, bias, y, k, m, j_begin, j_end);
+        } else if (n == 2) {
+            portable_dot_rows(2, x, w, 1, bias, y, k, m, j_begin, j_end);
+        } else {
+            portable_dot_rows(3, x, w, 1, bias, y, k, m, j_begin, j_end);
+        }
+    } else {
+        if (n == 1) {
+            portable_dot_rows(1, x, w, 0, bias, y, k, m, j_begin, j_end);
+        } else if (n == 2) {
+            portable_dot_rows(2, x, w, 0, bias, y, k, m, j_begin, j_end);
+        } else {
+            portable_dot_rows(3, x, w, 0, bias, y, k, m, j_begin, j_end);
+        }
+    }
+}
+
+#if RGREF_HAVE_AVX2_CODE
+
+RGREF_AVX2_INLINE void avx2_dot_rows(int rows_x, const float *x, const void *w,
+                                     int w_is_bf16, const float *bias, float *y, int64_t k,
+                                     int64_t m, int64_t j_begin, int64_t j_end) {
+    int tile_rows = rows_x == 1 ? DOT_TILE_ROWS_ONE_X : DOT_TILE_ROWS;
+    int64_t j = j_begin;
+    for (; j + tile_rows <= j_end; j += tile_rows) {
+        avx2_dot_tile(rows_x, tile_rows, x, weight_row(w, j, k, w_is_bf16), w_is_bf16,
+                      bias != NULL ? bias + j : NULL, y + j, k, m);
+    }
+    for (; j < j_end; j++) {
+        avx2_dot_tile(rows_x, 1, x, weight_row(w, j, k, w_is_bf16), w_is_bf16,
+                      bias != NULL ? bias + j : NULL, y + j, k, m);
+    }
+}
+
+static RGREF_AVX2 void dot_rows_avx2(const float *x, const void *w, int w_is_bf16,
+                                     const float *bias, float *y, int64_t n, int64_t k,
+                                     int64_t m, int64_t j_begin, int64_t j_end) {
+    if (w_is_bf16) {
+        if (n == 1) {
+            avx2_dot_rows(1, x, w, 1, bias, y, k, m, j_begin, j_end);
+        } else if (n == 2) {
+            avx2_dot_rows(2, x, w, 1, bias, y, k, m, j_begin, j_end);
+        } else {
+            avx2_dot_rows(3, x, w, 1, bias, y, k, m, j_begin, j_end);
+        }
+    } else {
+        if (n == 1) {
+            avx2_dot_rows(1, x, w, 0, bias, y, k, m, j_begin, j_end);
+        } else if (n == 2) {
+            avx2_dot_rows(2, x, w, 0, bias, y, k, m, j_begin, j_end);
+        } else {
+            avx2_dot_rows(3, x, w, 0, bias, y, k, m, j_begin, j_end);
+        }
+    }
+}
+
+#endif /* RGREF_HAVE_AVX2_CODE */
+
+/* ------------------------------------------------------------------------------------
+ * Matrix-matrix structure
+ *
+ * gemm_block runs every tile of x rows [0, n) against one float32 W block of `rows`
+ * rows (row stride w_stride) and `depth` columns, updating the lane sums in `partial`
+ * ([n][GEMM_BLOCK_ROWS][LANES] floats).
+ */
+
+static void gemm_block_portable(const float *x, int64_t n, int64_t k, const float *w,
+                                int64_t w_stride, int64_t rows, int64_t depth,
+                                float *partial, int first) {
+    const int64_t stride = GEMM_BLOCK_ROWS;
+    int64_t i = 0;
+    for (; i + GEMM_TILE_X_ROWS <= n; i += GEMM_TILE_X_ROWS) {
+        int64_t j = 0;
+        for (; j + GEMM_TILE_W_ROWS <= rows; j += GEMM_TILE_W_ROWS) {
+            portable_gemm_tile(GEMM_TILE_X_ROWS, GEMM_TILE_W_ROWS, x + i * k, k,
+                               w + j * w_stride, w_stride, depth,
+                               partial + (i * stride + j) * LANES, stride, first);
+        }
+        for (; j < rows; j++) {
+            portable_gemm_tile(GEMM_TILE_X_ROWS, 1, x + i * k, k, w + j * w_stride, w_stride,
+                               depth, partial + (i * stride + j) * LANES, stride, first);
+        }
+    }
+    for (; i < n; i++) {
+        int64_t j = 0;
+        for (; j + GEMM_TILE_W_ROWS <= rows; j += GEMM_TILE_W_ROWS) {
+            portable_gemm_tile(1, GEMM_TILE_W_ROWS, x + i * k, k, w + j * w_stride, w_stride,
+                               depth, partial + (i * stride + j) * LANES, stride, first);
+        }
+        for (; j < rows; j++) {
+            portable_gemm_tile(1, 1, x + i * k, k, w + j * w_stride, w_stride, depth,
+                               partial + (i * stride + j) * LANES, stride, first);
+        }
+    }
+}
+
+#if RGREF_HAVE_AVX2_CODE
+
+static RGREF_AVX2 void gemm_block_avx2(const float *x, int64_t n, int64_t k, const float *w,
+                                       int64_t w_stride, int64_t rows, int64_t depth,
+                                       float *partial, int first) {
+    const int64_t stride = GEMM_BLOCK_ROWS;
+    int64_t i = 0;
+    for (; i + GEMM_TILE_X_ROWS <= n; i += GEMM_TILE_X_ROWS) {
+        int64_t j = 0;
+        for (; j + GEMM_TILE_W_ROWS <= rows; j += GEMM_TILE_W_ROWS) {
+            avx2_gemm_tile(GEMM_TILE_X_ROWS, GEMM_TILE_W_ROWS, x + i * k, k, w + j * w_stride,
+                           w_stride, depth, partial + (i * stride + j) * LANES, stride, first);
+        }
+        for (; j < rows; j++) {
+            avx2_gemm_tile(GEMM_TILE_X_ROWS, 1, x + i * k, k, w + j * w_stride, w_stride,
+                           depth, partial + (i * stride + j) * LANES, stride, first);
+        }
+    }
+    for (; i < n; i++) {
+        int64_t j = 0;
+        for (; j + GEMM_TILE_W_ROWS <= rows; j += GEMM_TILE_W_ROWS) {
+            avx2_gemm_tile(1, GEMM_TILE_W_ROWS, x + i * k, k, w + j * w_stride, w_stride,
+                           depth, partial + (i * stride + j) * LANES, stride, first);
+        }
+        for (; j < rows; j++) {
+            avx2_gemm_tile(1, 1, x + i * k, k, w + j * w_stride, w_stride, depth,
+                           partial + (i * stride + j) * LANES, stride, first);
+        }
+    }
+}
+
+/* Widen a rows x depth block of bfloat16 weights (row stride k) into `block`. */
+static RGREF_AVX2 void widen_block_avx2(const uint16_t *w, int64_t k, int64_t rows,
+                                        int64_t depth, float *block) {
+    for (int64_t j = 0; j < rows; j++) {
+        for (int64_t p = 0; p < depth; p += LANES) {
+            _mm256_storeu_ps(block + j * depth + p, avx2_load_bf16(w + j * k + p));
+        }
+    }
+}
+
+#endif /* RGREF_HAVE_AVX2_CODE */
+
+static void widen_block_portable(const uint16_t *w, int64_t k, int64_t rows, int64_t depth,
+                                 float *block) {
+    for (int64_t j = 0; j < rows; j++) {
+        for (int64_t p = 0; p < depth; p++) {
+            block[j * depth + p] = bf16_to_f32(w[j * k + p]);
+        }
+    }
+}
+
+typedef void (*gemm_block_fn)(const float *, int64_t, int64_t, const float *, int64_t,
+                              int64_t, int64_t, float *, int);
+typedef void (*widen_block_fn)(const uint16_t *, int64_t, int64_t, int64_t, float *);
+
+/* Compute outputs [j_begin, j_end) of every row of x, for N >= GEMM_MIN_ROWS.
+   `block` has room for GEMM_BLOCK_ROWS x GEMM_BLOCK_DEPTH floats (unused for float32
+   weights, which the tiles read in place) and `partial` n x GEMM_BLOCK_ROWS x LANES. */
+static void gemm_rows(gemm_block_fn gemm_block, widen_block_fn widen_block, const float *x,
+                      const void *w, int w_is_bf16, const float *bias, float *y, int64_t n,
+                      int64_t k, int64_t m, int64_t j_begin, int64_t j_end, float *block,
+                      float *partial) {
+    int64_t k_main = k - k % LANES;
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += GEMM_BLOCK_ROWS) {
+        int64_t rows = min_i64(GEMM_BLOCK_ROWS, j_end - j0);
+
+        for (int64_t p0 = 0; p0 < k_main; p0 += GEMM_BLOCK_DEPTH) {
+            int64_t depth = min_i64(GEMM_BLOCK_DEPTH, k_main - p0);
+            if (w_is_bf16) {
+                widen_block((const uint16_t *)w + j0 * k + p0, k, rows, depth, block);
+                gemm_block(x + p0, n, k, block, depth, rows, depth, partial, p0 == 0);
+            } else {
+                gemm_block(x + p0, n, k, (const float *)w + j0 * k + p0, k, rows, depth,
+                           partial, p0 == 0);
+            }
+        }
+
+        for (int64_t i = 0; i < n; i++) {
+            for (int64_t j = 0; j < rows; j++) {
+                float *lanes = partial + (i * GEMM_BLOCK_ROWS + j) * LANES;
+                if (k_main == 0) {
+                    for (int l = 0; l < LANES; l++) {
+                        lanes[l] = 0.0f;
+                    }
+                }
+                y[i * m + j0 + j] = finish_dot(lanes, x + i * k,
+                                               weight_row(w, j0 + j, k, w_is_bf16), w_is_bf16,
+                                               k_main, k, bias != NULL ? bias + j0 + j : NULL);
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------
+ * Dispatch
+ */
+
+typedef void (*dot_rows_fn)(const float *, const void *, int, const float *, float *,
+                            int64_t, int64_t, int64_t, int64_t, int64_t);
+
+static void linear_parallel(int use_avx2, const float *x, const void *w, int w_is_bf16,
+                            const float *bias, float *y, int64_t n, int64_t k, int64_t m) {
+    if (n == 0 || m == 0) {
+        return;
+    }
+    dot_rows_fn dot_rows = dot_rows_portable;
+    gemm_block_fn gemm_block = gemm_block_portable;
+    widen_block_fn widen_block = widen_block_portable;
+#if RGREF_HAVE_AVX2_CODE
+    if (use_avx2) {
+        dot_rows = dot_rows_avx2;
+        gemm_block = gemm_block_avx2;
+        widen_block = widen_block_avx2;
+    }
+#else
+    (void)use_avx2;
+#endif
+    int use_gemm = n >= GEMM_MIN_ROWS;
+    int64_t chunk_rows = use_gemm ? GEMM_BLOCK_ROWS : DOT_CHUNK_ROWS;
+    int64_t num_chunks = (m + chunk_rows - 1) / chunk_rows;
+    int num_threads = rgref_get_num_threads();
+    (void)num_threads; /* unused without OpenMP */
+
+#ifdef _OPENMP
+#pragma omp parallel num_threads(num_threads)
+#endif
+    {
+        float *block = NULL;
+        float *partial = NULL;
+        if (use_gemm) {
+            block = malloc(sizeof(float) * GEMM_BLOCK_ROWS * GEMM_BLOCK_DEPTH);
+            partial = malloc(sizeof(float) * (size_t)n * GEMM_BLOCK_ROWS * LANES);
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t chunk = 0; chunk < num_chunks; chunk++) {
+            int64_t j_begin = chunk * chunk_rows;
+            int64_t j_end = min_i64(j_begin + chunk_rows, m);
+            if (block != NULL && partial != NULL) {
+                gemm_rows(gemm_block, widen_block, x, w, w_is_bf16, bias, y, n, k, m,
+                          j_begin, j_end, block, partial);
+                continue;
+            }
+            /* Few rows of x, or no memory for the buffers: the matrix-vector structure
+               gives the same bits, GEMM_MIN_ROWS - 1 rows of x at a time. */
+            for (int64_t i = 0; i < n; i += GEMM_MIN_ROWS - 1) {
+                dot_rows(x + i * k, w, w_is_bf16, bias, y + i * m,
+                         min_i64(GEMM_MIN_ROWS - 1, n - i), k, m, j_begin, j_end);
+            }
+        }
+        free(block);
+        free(partial);
+    }
+}
+
+void rgref_linear_f32(const float *x, const float *w, const float *bias, float *y,
+                      int64_t n, int64_t k, int64_t m) {
+    linear_parallel(rgref_uses_avx2(), x, w, 0, bias, y, n, k, m);
+}
+
+void rgref_linear_bf16(const float *x, const uint16_t *w, const float *bias, float *y,
+                       int64_t n, int64_t k, int64_t m) {
+    linear_parallel(rgref_uses_avx2(), x, w, 1, bias, y, n, k, m);
+}
+
+void rgref_linear_f32_portable(const float *x, const float *w, const float *bias,
+                               float *y, int64_t n, int64_t k, int64_t m) {
+    linear_parallel(0, x, w, 0, bias, y, n, k, m);
+}
+
+void rgref_linear_bf16_portable(const float *x, const uint16_t *w, const float *bias,
+                                float *y, int64_t n, int64_t k, int64_t m) {
+    linear_parallel(0, x, w, 1, bias, y, n, k, m);
+}
