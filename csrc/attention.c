@@ -3,7 +3,7 @@
  *
  * Tokens are numbered by stream index: the chunk's token t is stream index
  * num_cached + t, and the cache keeps stream index s in ring slot s % S when
- * num_cached - S <= s < num_cached and s >= 0. Query t sees the keys of stream indices
+ * num_cached - S <= s < num_cached and s >= 0. Query t attends to stream indices
  * num_cached + t - S ... num_cached + t (itself and the S tokens before it, so S + 1
  * keys) that exist and belong to its document. For each query head:
  *   logit_s = (q . k_s) * K^-0.5

@@ -139,8 +139,9 @@ RGREF_AVX2_INLINE __m256 avx2_rg_lru_step(__m256 x_t, __m256 gate_x_pre, __m256 
 }
 
 /* rg_lru_scan_range_portable with 8 channels per vector. Whole vectors use plain
-   loads and stores; only the last vector of a range, when fewer than 8 channels
-   remain, uses masked ones, which are several times slower on some x86-64 cores. */
+   loads and stores. Only the last vector of a range, when fewer than 8 channels remain,
+   uses masked ones: with masked loads and stores for every vector, the scan ran 1.6
+   times slower on a 2-core AMD EPYC VM (T = 2048, E = 2560, one measurement). */
 static RGREF_AVX2 void rg_lru_scan_range_avx2(const float *x, const float *gate_x_pre,
                                               const float *gate_a_pre,
                                               const float *softplus_a,
