@@ -36,9 +36,6 @@
    of a sum depends on it. */
 #define LANES 8
 
-/* Bytes in a cache line of the x86-64 and ARM cores rgref targets. */
-#define CACHE_LINE_BYTES 64
-
 static inline int64_t min_i64(int64_t a, int64_t b) {
     return a < b ? a : b;
 }

@@ -124,7 +124,7 @@ def test_huggingface_files(written, config):
 
 def test_kaggle_archive_like_torch_save(written, tool, config):
     path = os.path.join(written["kaggle", "bfloat16"], "2b.pt")
-    entries = tool.official_entries(config, "bfloat16")
+    entries = tool.official_entries(config)
     with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
         listed = archive.namelist()
         assert listed[0] == "2b/data.pkl"

@@ -22,6 +22,12 @@ What it measures, each in a fresh subprocess whose peak resident memory
   cli        `python -m rgref.generate --max-new-tokens 16` on the Hugging Face
              and Kaggle layouts, and a float32 checkpoint narrowed at load
 
+Every rgref measurement imports a copy of the package (compiled kernels
+included) taken when the run starts, so rebuilding the kernels meanwhile does
+not change or crash it. All systems use --threads threads. An OpenMP kernel
+waits for its slowest thread, so on a machine where other jobs hold a core,
+--threads 1 gives steadier figures.
+
 Examples:
   python tools/bench.py                                  # everything rgref alone can run
   python tools/bench.py --ref-python /path/to/venv/bin/python --write docs/BENCHMARKS.md
@@ -52,7 +58,7 @@ TOOLS = os.path.join(ROOT, "tools")
 PARTS = ("bandwidth", "kernels", "rgref", "reference", "cli")
 PRESET = "recurrentgemma-2b"
 RESULT_PREFIX = "BENCH-RESULT "
-GB = 1e9
+GB = 1e9    # sizes are reported in GB of 10^9 bytes, the unit of the targets
 # The prompt of the side-by-side runs and of the time-to-first-token figure.
 SHORT_PROMPT = 64
 CLI_PROMPT = ("The Griffin architecture mixes gated linear recurrences with local attention, "

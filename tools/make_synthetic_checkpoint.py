@@ -18,7 +18,7 @@ and `byteorder` and `version` entries follow. PyTorch 2.13 reads the file with
 `torch.load(path, weights_only=True)`.
 
 Values: every tensor is N(0, --std), rounded to bfloat16 so that the float32
-and bfloat16 checkpoints of one seed hold the same numbers. Drawing 2.7e9
+and bfloat16 checkpoints of one seed contain the same numbers. Drawing 2.7e9
 normal numbers would take minutes, so each tensor is read cyclically from one
 random block of POOL_SIZE values, starting at an offset derived from the
 tensor's name. The weights look random to every layer but are not independent
@@ -52,7 +52,7 @@ import sys
 import time
 import zipfile
 import zlib
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -386,7 +386,7 @@ class TorchZipWriter:
         self.file.close()
 
 
-def official_entries(config: Config, dtype: str) -> list[tuple[str, tuple[int, ...]]]:
+def official_entries(config: Config) -> list[tuple[str, tuple[int, ...]]]:
     """Official tensor names and shapes in the state dict's module order."""
     # Zero-stride stand-ins let names.hf_to_official work out the official shapes.
     stand_ins = {name: np.broadcast_to(np.zeros((), np.float32), shape)
@@ -415,7 +415,7 @@ def block_official_tensors(config: Config, index: int, dtype: str,
 def write_kaggle(directory: str, config: Config, dtype: str, pool: RandomPool,
                  torch_file: str, progress: Progress) -> None:
     np_dtype = DTYPES[dtype]
-    entries = official_entries(config, dtype)
+    entries = official_entries(config)
     stem = os.path.splitext(torch_file)[0]
     writer = TorchZipWriter(os.path.join(directory, torch_file))
     try:
