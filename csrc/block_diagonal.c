@@ -12,7 +12,8 @@
  * thread count changes that order. The fast kernels therefore give the same bits on
  * any number of threads, and for a row alone or with others.
  *
- * Threads take (head, 16-column chunk) items one at a time (OpenMP dynamic schedule).
+ * Threads take (head, 16-column chunk) items ITEMS_PER_TAKE at a time (OpenMP dynamic
+ * schedule), so a thread reads whole cache lines of a weight row.
  * With bfloat16 weights and several rows of x, each item first widens its chunk of the
  * weight block (P rows by 16 columns, 16 KiB at P = 256) into a float32 buffer, which
  * then serves every tile of x rows. Widening is exact, so the buffer does not change
@@ -22,6 +23,10 @@
 
 /* Columns per work item: two AVX2 vectors. */
 #define CHUNK_COLUMNS 16
+
+/* Consecutive items a thread takes at once: 4 chunks of 16 bfloat16 weights are two
+   64-byte cache lines of a weight row. */
+#define ITEMS_PER_TAKE 4
 
 /* Rows of x per tile: 6 rows by 16 columns use 12 of the 16 ymm registers. */
 #define TILE_ROWS 6
@@ -106,7 +111,11 @@ static void portable_chunk(const float *x, const void *w, int w_is_bf16, int64_t
 
 #if RGREF_HAVE_AVX2_CODE
 
-/* tile_rows rows of x by 16 columns. */
+/* tile_rows rows of x by 16 columns. With float32 weights, acc[i][0] contains
+   columns 0-7 and acc[i][1] columns 8-15. bfloat16 weights are widened the cheap way, by
+   interleaving each 16-weight load with zeros, which gives columns 0-3 and 8-11 in
+   acc[i][0] and 4-7 and 12-15 in acc[i][1]; the store puts them back in order. Each
+   lane still adds its own column's products in increasing r. */
 RGREF_AVX2_INLINE void avx2_tile(int tile_rows, const float *x, const void *w,
                                  int w_is_bf16, int64_t w_stride, const float *bias, float *y,
                                  int64_t width, int64_t features) {
@@ -115,9 +124,19 @@ RGREF_AVX2_INLINE void avx2_tile(int tile_rows, const float *x, const void *w,
         acc[i][0] = _mm256_setzero_ps();
         acc[i][1] = _mm256_setzero_ps();
     }
+    const __m256i zero = _mm256_setzero_si256();
     for (int64_t r = 0; r < width; r++) {
-        __m256 w_low = avx2_load_weights(w, r * w_stride, w_is_bf16);
-        __m256 w_high = avx2_load_weights(w, r * w_stride + LANES, w_is_bf16);
+        __m256 w_low;
+        __m256 w_high;
+        if (w_is_bf16) {
+            __m256i packed = _mm256_loadu_si256(
+                (const __m256i *)((const uint16_t *)w + r * w_stride));
+            w_low = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, packed));
+            w_high = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, packed));
+        } else {
+            w_low = _mm256_loadu_ps((const float *)w + r * w_stride);
+            w_high = _mm256_loadu_ps((const float *)w + r * w_stride + LANES);
+        }
         for (int i = 0; i < tile_rows; i++) {
             __m256 x_value = _mm256_broadcast_ss(x + i * features + r);
             acc[i][0] = _mm256_fmadd_ps(x_value, w_low, acc[i][0]);
@@ -125,12 +144,18 @@ RGREF_AVX2_INLINE void avx2_tile(int tile_rows, const float *x, const void *w,
         }
     }
     for (int i = 0; i < tile_rows; i++) {
-        if (bias != NULL) {
-            acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(bias));
-            acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(bias + LANES));
+        __m256 low = acc[i][0];
+        __m256 high = acc[i][1];
+        if (w_is_bf16) {
+            low = _mm256_permute2f128_ps(acc[i][0], acc[i][1], 0x20);
+            high = _mm256_permute2f128_ps(acc[i][0], acc[i][1], 0x31);
         }
-        _mm256_storeu_ps(y + i * features, acc[i][0]);
-        _mm256_storeu_ps(y + i * features + LANES, acc[i][1]);
+        if (bias != NULL) {
+            low = _mm256_add_ps(low, _mm256_loadu_ps(bias));
+            high = _mm256_add_ps(high, _mm256_loadu_ps(bias + LANES));
+        }
+        _mm256_storeu_ps(y + i * features, low);
+        _mm256_storeu_ps(y + i * features + LANES, high);
     }
 }
 
@@ -194,7 +219,7 @@ static void block_diagonal_parallel(int use_avx2, const float *x, const void *w,
                              ? malloc(sizeof(float) * (size_t)width * CHUNK_COLUMNS)
                              : NULL;
 #ifdef _OPENMP
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, ITEMS_PER_TAKE)
 #endif
         for (int64_t item = 0; item < num_items; item++) {
             int64_t h = item / chunks_per_head;

@@ -121,6 +121,11 @@ class Model:
         self.params = {name: value if value.flags.c_contiguous else np.ascontiguousarray(value)
                        for name, value in params.items()}
         _check_params(config, self.params)
+        # The vectors (norm scales, biases, the RG-LRU parameter) and the Conv1D taps are
+        # small and read at every step, so they are widened to the compute dtype once.
+        self._widened = {name: to_compute_dtype(value, dtype)
+                         for name, value in self.params.items()
+                         if value.ndim == 1 or name.endswith("conv_1d.weight")}
 
     def __repr__(self) -> str:
         c = self.config
@@ -128,6 +133,8 @@ class Model:
                 f"dtype={self.dtype})")
 
     def _weight(self, name: str) -> np.ndarray:
+        if name in self._widened:
+            return self._widened[name]
         return to_compute_dtype(self.params[name], self.dtype)
 
     # -------------------------------------------------------------- backends
@@ -287,7 +294,8 @@ class Model:
 
         normed = layers.rms_norm(h, self._weight(p + "channel_pre_norm.weight"), eps)
         _put(record, "channel_pre_norm", normed)
-        m = {name: self.params[p + "mlp_block." + name] for name in (
+        m = {name: self._weight(p + "mlp_block." + name) if name.endswith("bias")
+             else self.params[p + "mlp_block." + name] for name in (
             "gate_proj.weight", "gate_proj.bias", "up_proj.weight", "up_proj.bias",
             "down_proj.weight", "down_proj.bias")}
         mlp_block = _mlp_block_kernel if backend == "c" else layers.mlp_block
@@ -304,14 +312,14 @@ class Model:
                          linear: Callable, backend: str, record: dict | None) -> np.ndarray:
         """linear_out(rg_lru(conv1d(linear_x(x))) * gelu(linear_y(x))): (B, T, D) -> same."""
         w = self.params
-        y = linear(x, w[p + "linear_y.weight"], w[p + "linear_y.bias"])
+        y = linear(x, w[p + "linear_y.weight"], self._weight(p + "linear_y.bias"))
         if backend == "c":
             from rgref import kernels
             y = kernels.gelu_tanh(y)
         else:
             y = layers.gelu_tanh(y)
         _put(record, "linear_y", y)                                     # (B, T, E)
-        x = linear(x, w[p + "linear_x.weight"], w[p + "linear_x.bias"])  # (B, T, E)
+        x = linear(x, w[p + "linear_x.weight"], self._weight(p + "linear_x.bias"))  # (B, T, E)
         _put(record, "linear_x", x)
 
         conv_input = x
@@ -332,7 +340,8 @@ class Model:
                      "recurrent_gate_weight", "recurrent_gate_bias")
         if backend == "c":
             # The gate kernels read float32 and bfloat16 weights in place.
-            lru = [_kernel_weight(w[p + "rg_lru." + name]) for name in lru_names]
+            lru = [self._weight(p + "rg_lru." + name) if name.endswith(("bias", "param"))
+                   else _kernel_weight(w[p + "rg_lru." + name]) for name in lru_names]
             x = _rg_lru_kernel(x, segment_pos, *lru, state, record)
         else:
             lru = [self._weight(p + "rg_lru." + name) for name in lru_names]
@@ -340,7 +349,7 @@ class Model:
                                                   h0=state.rg_lru_state, record=record)
         state.conv1d_state = _last_steps(state.conv1d_state, conv_input)
 
-        return linear(x * y, w[p + "linear_out.weight"], w[p + "linear_out.bias"])
+        return linear(x * y, w[p + "linear_out.weight"], self._weight(p + "linear_out.bias"))
 
     def _attention_block(self, p: str, x, segment_pos, docs, cache: Cache,
                          state: AttentionState, linear: Callable, backend: str,
@@ -389,7 +398,7 @@ class Model:
         state.docs[:, slots] = docs[:, T - kept:]
 
         return linear(encoded.reshape(B, T, H * K), w[p + "o_proj.weight"],
-                      w[p + "o_proj.bias"])
+                      self._weight(p + "o_proj.bias"))
 
     # ---------------------------------------------------------------- output
 
