@@ -44,7 +44,8 @@ class ChatSession:
         """
         tok = self.tokenizer
         new = self._pending + tok.encode_turn(USER, text) + tok.encode_model_start()
-        logits, self.cache = self.model.forward(np.asarray([new]), cache=self.cache)
+        logits, self.cache = self.model.forward(np.asarray([new]), cache=self.cache,
+                                                logits="last")
         self.fed_tokens += new
 
         def on_step(ids: np.ndarray, active: np.ndarray) -> None:

@@ -99,14 +99,24 @@ def block_diagonal_linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -
     return y.reshape(x.shape)
 
 
-def soft_cap(logits: np.ndarray, cap: float | None) -> np.ndarray:
+def soft_cap(logits: np.ndarray, cap: float | None,
+             out: np.ndarray | None = None) -> np.ndarray:
     """cap * tanh(logits / cap): a smooth clamp to (-cap, cap); identity when cap is None.
 
-    Elementwise: returns an array of the shape and dtype of logits.
+    Elementwise: returns an array of the shape and dtype of logits, written into
+    `out` when given (`out` may be `logits` itself).
     """
     if not cap:
+        if out is not None and out is not logits:
+            out[...] = logits
+            return out
         return logits
-    return cap * np.tanh(logits / cap)
+    if out is None:
+        return cap * np.tanh(logits / cap)
+    # The same three roundings as above, without temporaries.
+    np.divide(logits, cap, out=out)
+    np.tanh(out, out=out)
+    return np.multiply(out, cap, out=out)
 
 
 # =============================================================================

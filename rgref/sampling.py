@@ -108,7 +108,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     """
     tokens, segment_pos = pad_prompts(prompts, pad_id)
     start = time.perf_counter()
-    logits, cache = model.forward(tokens, segment_pos=segment_pos)
+    logits, cache = model.forward(tokens, segment_pos=segment_pos, logits="last")
     prefill_seconds = time.perf_counter() - start
     result = continue_generation(model, cache, logits[:, -1], max_new_tokens,
                                  sampling=sampling, stop_ids=stop_ids,

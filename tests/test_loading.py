@@ -10,6 +10,7 @@ import safetensors.numpy
 import rgref
 from rgref.config import Config
 from rgref.dtypes import bfloat16_to_float32, float32_to_bfloat16
+from rgref import loading
 from rgref.loading import CheckpointError
 from rgref.random_model import random_model
 from rgref.saving import save
@@ -283,3 +284,24 @@ def test_load_narrowed_to_bfloat16(model, saved, tmp_path_factory):
 def test_load_rejects_unknown_weights_dtype(saved):
     with pytest.raises(ValueError, match="weights_dtype"):
         rgref.load(saved, weights_dtype="int8")
+
+
+def test_transposed_view_copied_in_tiles(tmp_path):
+    values = np.arange(300 * 200, dtype=np.float32).reshape(300, 200)
+    values.tofile(tmp_path / "values.bin")
+    mapped = np.memmap(tmp_path / "values.bin", dtype=np.float32, mode="r", shape=(300, 200))
+    copy = loading._contiguous(mapped.T)
+    assert copy.flags.c_contiguous
+    np.testing.assert_array_equal(copy, values.T)
+
+
+def test_official_layout_narrowed_to_bfloat16(model, tmp_path):
+    official = tmp_path / "official"
+    save(model, official, layout="official")
+    narrowed = rgref.load(official, weights_dtype="bfloat16")
+    up = narrowed.params["model.layers.0.mlp_block.up_proj.weight"]
+    assert up.dtype == np.uint16
+    assert up.flags.c_contiguous
+    stored = tmp_path / "bf16"
+    save(model, stored, weights_dtype="bfloat16")
+    np.testing.assert_array_equal(logits_of(narrowed), logits_of(rgref.load(stored)))

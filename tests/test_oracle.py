@@ -167,6 +167,44 @@ def test_intermediates_without_request():
     assert len(MODEL.forward(TOKENS)) == 2
 
 
+@pytest.mark.parametrize("backend", ["numpy", "c"])
+def test_last_logits_match_all_logits(backend):
+    if backend == "c" and MODEL.resolve_backend("auto") != "c":
+        pytest.skip("the C kernels are not built")
+    every, _ = MODEL.forward(TOKENS, backend=backend)
+    last, cache = MODEL.forward(TOKENS, backend=backend, logits="last")
+    assert last.shape == (TOKENS.shape[0], 1, CONFIG.vocab_size)
+    if backend == "c":
+        # The C linear kernel gives a row the same bits whatever the other rows.
+        np.testing.assert_array_equal(last, every[:, -1:])
+    else:
+        # BLAS may sum a (B, 1, D) and a (B, T, D) matrix product in other orders.
+        assert_close(last, every[:, -1:], "same_math_float32", "last logits")
+    assert cache.num_tokens == TOKENS.shape[1]
+
+
+def test_last_logits_intermediates():
+    _, _, intermediates = MODEL.forward(TOKENS, logits="last", return_intermediates=True)
+    assert intermediates["final_norm"].shape == (TOKENS.shape[0], 1, CONFIG.width)
+    assert intermediates["blocks.0.output"].shape == TOKENS.shape + (CONFIG.width,)
+
+
+def test_invalid_logits_choice():
+    with pytest.raises(ValueError, match="logits must be one of"):
+        MODEL.forward(TOKENS, logits="first")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_soft_cap_in_place_is_bitwise(dtype):
+    logits = np.random.default_rng(5).normal(0, 40, (3, 7)).astype(dtype)
+    expected = layers.soft_cap(logits, 30.0)
+    in_place = logits.copy()
+    layers.soft_cap(in_place, 30.0, out=in_place)
+    np.testing.assert_array_equal(in_place, expected)
+    uncapped = np.empty_like(logits)
+    np.testing.assert_array_equal(layers.soft_cap(logits, None, out=uncapped), logits)
+
+
 # =============================================================================
 # Intermediates agree with each other and with the logits
 # =============================================================================
