@@ -122,11 +122,36 @@ class Config:
         `intermediate_size` is twice the MLP width because the gate and the up
         projections each get half.
         """
-        def require(key: str) -> Any:
-            if key not in hf:
+        missing = object()
+
+        def entry(key: str, default: Any = missing) -> Any:
+            if key in hf:
+                return hf[key]
+            if default is missing:
                 raise ConfigError(f"config.json has no {key!r} entry; is this a "
                                   "RecurrentGemma checkpoint?")
-            return hf[key]
+            return default
+
+        def integer(key: str, default: Any = missing) -> int:
+            value = entry(key, default)
+            # A whole number written as 2560.0 passes, but text and 2560.5 do not.
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"config.json {key} must be an integer, got {value!r}")
+            return value
+
+        def number(key: str, default: Any) -> float:
+            value = entry(key, default)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ConfigError(f"config.json {key} must be a number, got {value!r}")
+            return float(value)
+
+        def flag(key: str, default: bool) -> bool:
+            value = entry(key, default)
+            if not isinstance(value, bool):
+                raise ConfigError(f"config.json {key} must be true or false, got {value!r}")
+            return value
 
         model_type = hf.get("model_type")
         if model_type is not None and model_type != "recurrent_gemma":
@@ -135,17 +160,17 @@ class Config:
         pattern = hf.get("block_types", hf.get("_block_types"))
         if pattern is None:
             raise ConfigError("config.json has neither 'block_types' nor '_block_types'")
-        if isinstance(pattern, str) or not pattern:
+        if not isinstance(pattern, list) or not pattern:
             raise ConfigError(f"config.json block_types must be a non-empty list, got {pattern!r}")
-        num_layers = int(require("num_hidden_layers"))
+        num_layers = integer("num_hidden_layers")
         block_types = tuple(itertools.islice(itertools.cycle(pattern), num_layers))
 
-        intermediate = int(require("intermediate_size"))
+        intermediate = integer("intermediate_size")
         if intermediate % 2:
             raise ConfigError(f"config.json intermediate_size {intermediate} is odd; it must be "
                               "twice the MLP width")
-        width = int(require("hidden_size"))
-        num_heads = int(require("num_attention_heads"))
+        width = integer("hidden_size")
+        num_heads = integer("num_attention_heads")
         kv_heads = hf.get("num_key_value_heads")
         if kv_heads not in (None, 1):
             raise ConfigError(f"config.json num_key_value_heads is {kv_heads}; RecurrentGemma "
@@ -158,20 +183,24 @@ class Config:
         if activation != "gelu_pytorch_tanh":
             raise ConfigError(f"config.json hidden_activation is {activation!r}; only "
                               "'gelu_pytorch_tanh' is supported")
-        soft_cap = hf.get("logits_soft_cap", 30.0)
+        # null or 0 turns the soft cap off, and a null lru_width means the model width.
+        soft_cap = None
+        if hf.get("logits_soft_cap", 30.0) is not None:
+            soft_cap = number("logits_soft_cap", 30.0)
+        lru_width = width if hf.get("lru_width") is None else integer("lru_width")
         return cls(
-            vocab_size=int(require("vocab_size")),
+            vocab_size=integer("vocab_size"),
             width=width,
             mlp_width=intermediate // 2,
             num_heads=num_heads,
-            lru_width=int(hf.get("lru_width") or width),
+            lru_width=lru_width,
             block_types=block_types,
-            attention_window=int(require("attention_window_size")),
-            conv1d_width=int(hf.get("conv1d_width", 4)),
-            embeddings_scale_by_sqrt_dim=bool(hf.get("embeddings_scale_by_sqrt_dim", True)),
-            logits_soft_cap=None if not soft_cap else float(soft_cap),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_max_wavelength=float(hf.get("rope_theta", 10_000.0)),
+            attention_window=integer("attention_window_size"),
+            conv1d_width=integer("conv1d_width", 4),
+            embeddings_scale_by_sqrt_dim=flag("embeddings_scale_by_sqrt_dim", True),
+            logits_soft_cap=soft_cap or None,
+            rms_norm_eps=number("rms_norm_eps", 1e-6),
+            rope_max_wavelength=number("rope_theta", 10_000.0),
         )
 
     @classmethod
@@ -182,6 +211,9 @@ class Config:
                 hf = json.load(f)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                              "is it a config.json?") from None
         if not isinstance(hf, dict):
             raise ConfigError(f"{path} does not contain a JSON object")
         try:

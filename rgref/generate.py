@@ -15,6 +15,8 @@ import warnings
 
 import numpy as np
 
+from rgref.config import PRESET_NAMES
+
 PROG = "python -m rgref.generate"
 BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny")
 TOKENIZER_FILE = "tokenizer.model"
@@ -83,15 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompt text; '-' or omitted with piped input reads standard input")
     parser.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE")
     parser.add_argument("--model", metavar="PATH",
-                        help="checkpoint directory (Hugging Face layout), or its "
-                             ".safetensors weights file (default: the bundled small model)")
+                        help="checkpoint directory (Hugging Face or Kaggle layout), or its "
+                             "weights file: .safetensors (a shard or the index loads every "
+                             "shard) or PyTorch .pt (default: the bundled small model)")
     parser.add_argument("--tokenizer", metavar="PATH",
                         help=f"SentencePiece model (default: {TOKENIZER_FILE} beside the "
                              "weights)")
-    parser.add_argument("--preset", metavar="NAME",
+    parser.add_argument("--preset", metavar="NAME", choices=PRESET_NAMES,
                         help="for a checkpoint without config.json (a Kaggle .pt file): the "
                              "preset that supplies the attention window, soft cap and "
-                             "embedding scale (default: the preset whose shapes match)")
+                             "embedding scale, one of " + ", ".join(PRESET_NAMES) +
+                             " (default: the preset whose shapes match)")
     parser.add_argument("--chat", action="store_true",
                         help="wrap the prompt in the instruction-tuned chat format "
                              "(for -it checkpoints)")
@@ -166,6 +170,9 @@ def load_model_and_tokenizer(args):
     from rgref.loading import CheckpointError, load
     from rgref.tokenizer import Tokenizer, TokenizerError
 
+    if args.backend == "c" and args.compute_dtype != "float32":
+        raise UsageError(f"--backend c computes in float32 only; pass --backend numpy or auto "
+                         f"with --compute-dtype {args.compute_dtype}")
     path = args.model
     if path is None:
         path = BUNDLED_MODEL

@@ -134,8 +134,9 @@ def infer_config(tensors: Mapping[str, np.ndarray], preset: str | None = None) -
                 f"{structure.num_heads} heads, LRU width {lru_width}, {len(block_types)} "
                 f"blocks) match {'no preset' if not matches else ', '.join(matches)}, so the "
                 "attention window, logits soft cap and embedding scale are unknown; pass the "
-                "preset that supplies them (the preset argument, or --preset in "
-                f"tools/convert_checkpoint.py), one of {', '.join(PRESET_NAMES)}")
+                "preset that supplies them (the preset argument of rgref.load, or --preset "
+                "of rgref.generate and tools/convert_checkpoint.py), one of "
+                f"{', '.join(PRESET_NAMES)}")
         preset = matches[0]
     hyper = Config.from_preset(preset)
     config = Config(

@@ -54,8 +54,10 @@ def load(path: str | os.PathLike, dtype=np.float32, preset: str | None = None,
     """Load a checkpoint directory or weights file as a `Model`.
 
     Args:
-      path: a Hugging Face layout directory, a `.safetensors` file, an official
-        PyTorch `.pt` file, or a directory holding one `.pt` file.
+      path: a Hugging Face layout directory, a `.safetensors` file (a shard
+        listed in the `model.safetensors.index.json` beside it, or that index,
+        loads every shard), an official PyTorch `.pt` file, or a directory
+        holding one `.pt` file.
       dtype: compute dtype, np.float32 (default) or np.float64.
       preset: for a checkpoint without `config.json`, the preset that supplies
         the hyperparameters the shapes do not show (see `rgref.PRESET_NAMES`);
@@ -71,10 +73,17 @@ def load(path: str | os.PathLike, dtype=np.float32, preset: str | None = None,
         raise CheckpointError(f"checkpoint path {path} does not exist")
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     has_config = os.path.isfile(os.path.join(directory, CONFIG_FILE))
+    if has_config and preset is not None:
+        raise ConfigError(f"preset {preset!r} applies only to a checkpoint without "
+                          f"{CONFIG_FILE}, and {os.path.join(directory, CONFIG_FILE)} sets the "
+                          "hyperparameters; pass no preset")
 
-    weights_file = path if not os.path.isdir(path) else _single_torch_file(path, has_config)
+    if os.path.isdir(path):
+        weights_file = _single_torch_file(path, has_config)
+    else:
+        weights_file = _weights_file(path, directory)
     if weights_file is None:
-        tensors, origin = _read_directory(path)
+        tensors, origin = _read_directory(directory)
     elif weights_file.endswith(TORCH_SUFFIXES):
         tensors, origin = load_torch_state_dict(weights_file), {}
     else:
@@ -180,6 +189,32 @@ def _release_pages(view: np.ndarray) -> None:
     end = min(end - end % mmap.PAGESIZE, len(mapping))
     if end > begin:
         mapping.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+
+
+def _weights_file(path: str, directory: str) -> str | None:
+    """Return the file to read for a file path, or None to read the whole directory.
+
+    A shard or the index of a sharded checkpoint loads the whole checkpoint,
+    because one shard alone lacks most of the model's tensors.
+    """
+    name = os.path.basename(path)
+    if name == INDEX_FILE:
+        return None
+    if name.endswith(".safetensors"):
+        return None if name in _listed_shards(os.path.join(directory, INDEX_FILE)) else path
+    if name.endswith(TORCH_SUFFIXES):
+        return path
+    raise CheckpointError(f"{path} is not a weights file; pass a .safetensors file, a PyTorch "
+                          f"{'/'.join(TORCH_SUFFIXES)} file or the checkpoint directory")
+
+
+def _listed_shards(index_path: str) -> set[str]:
+    """Return the shard file names that a safetensors index lists (none if it is unreadable)."""
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            return set(json.load(f)["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
 
 
 def _single_torch_file(directory: str, has_config: bool) -> str | None:

@@ -129,8 +129,10 @@ class Model:
 
     def __repr__(self) -> str:
         c = self.config
+        stored = sorted({"bfloat16" if is_bfloat16(value) else str(value.dtype)
+                         for value in self.params.values()})
         return (f"Model(width={c.width}, blocks={c.num_blocks}, vocab={c.vocab_size}, "
-                f"dtype={self.dtype})")
+                f"weights={'/'.join(stored)}, compute={self.dtype})")
 
     def _weight(self, name: str) -> np.ndarray:
         if name in self._widened:

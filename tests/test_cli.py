@@ -321,3 +321,13 @@ def test_kaggle_file_with_preset(checkpoint, tmp_path):
     # too small for the tokenizer, the next check the command makes.
     result = run("hi", "--model", str(tmp_path), "--preset", "recurrentgemma-2b")
     assert_one_line_error(result, "the model's embedding has 32 rows")
+
+
+def test_preset_with_config_json(checkpoint):
+    result = run("hi", "--model", str(checkpoint), "--preset", "recurrentgemma-2b")
+    assert_one_line_error(result, "applies only to a checkpoint without config.json")
+
+
+def test_config_json_as_model(checkpoint):
+    result = run("hi", "--model", str(checkpoint / "config.json"))
+    assert_one_line_error(result, "config.json is not a weights file")

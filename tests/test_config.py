@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -86,6 +87,41 @@ def test_hf_config_round_trip():
 def test_hf_config_invalid(change, message):
     with pytest.raises(ConfigError, match=message):
         Config.from_hf_config(dict(HF_2B, **change))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hidden_size": "forty"}, "hidden_size must be an integer, got 'forty'"),
+    ({"hidden_size": None}, "hidden_size must be an integer, got None"),
+    ({"hidden_size": [2560]}, "hidden_size must be an integer"),
+    ({"hidden_size": 2560.5}, "hidden_size must be an integer, got 2560.5"),
+    ({"num_attention_heads": True}, "num_attention_heads must be an integer"),
+    ({"rms_norm_eps": "1e-6"}, "rms_norm_eps must be a number"),
+    ({"logits_soft_cap": "30"}, "logits_soft_cap must be a number"),
+    ({"embeddings_scale_by_sqrt_dim": "false"}, "must be true or false"),
+    ({"_block_types": 5}, "block_types must be a non-empty list"),
+])
+def test_hf_config_wrong_json_type(change, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config.from_hf_config(dict(HF_2B, **change))
+
+
+def test_hf_config_whole_float_accepted():
+    config = Config.from_hf_config(dict(HF_2B, hidden_size=2560.0))
+    assert config.width == 2560
+    assert isinstance(config.width, int)
+
+
+def test_hf_config_null_entries():
+    config = Config.from_hf_config(dict(HF_2B, logits_soft_cap=None, lru_width=None))
+    assert config.logits_soft_cap is None
+    assert config.lru_width == config.width
+
+
+def test_config_file_not_utf8(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_bytes(b'{"hidden_size": "\xff\xfe"}')
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        Config.from_json_file(path)
 
 
 def test_hf_config_missing_key():

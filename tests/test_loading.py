@@ -8,7 +8,7 @@ import pytest
 import safetensors.numpy
 
 import rgref
-from rgref.config import Config
+from rgref.config import Config, ConfigError
 from rgref.dtypes import bfloat16_to_float32, float32_to_bfloat16
 from rgref import loading
 from rgref.loading import CheckpointError
@@ -67,6 +67,27 @@ def test_load_sharded(model, tmp_path):
     assert len(shards) > 2
     assert (tmp_path / "model.safetensors.index.json").exists()
     np.testing.assert_array_equal(logits_of(rgref.load(tmp_path)), logits_of(model))
+
+
+@pytest.mark.parametrize("pick", ["first shard", "last shard", "index"])
+def test_load_sharded_from_one_file(model, tmp_path, pick):
+    save(model, tmp_path, max_shard_bytes=8_000)
+    shards = sorted(tmp_path.glob("model-*-of-*.safetensors"))
+    path = {"first shard": shards[0], "last shard": shards[-1],
+            "index": tmp_path / "model.safetensors.index.json"}[pick]
+    np.testing.assert_array_equal(logits_of(rgref.load(path)), logits_of(model))
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.model"])
+def test_load_rejects_non_weights_file(saved, name):
+    (saved / name).touch()
+    with pytest.raises(CheckpointError, match=f"{name} is not a weights file"):
+        rgref.load(saved / name)
+
+
+def test_load_rejects_preset_beside_config(saved):
+    with pytest.raises(ConfigError, match="applies only to a checkpoint without config.json"):
+        rgref.load(saved, preset="recurrentgemma-2b")
 
 
 def test_load_bfloat16(model, tmp_path):
