@@ -52,7 +52,7 @@ def rms_norm(x: np.ndarray, scale: np.ndarray, eps: float = 1e-6) -> np.ndarray:
 
     x: (..., D); scale: (D,). The stored scale is an offset from 1, so a
     freshly initialised (zero) scale is the identity. Returns (..., D) in the
-    dtype of x.
+    dtype of x when scale has that dtype too (NumPy promotes otherwise).
     """
     mean_square = np.mean(np.square(x), axis=-1, keepdims=True)
     return x / np.sqrt(mean_square + eps) * (1 + scale)
@@ -79,7 +79,11 @@ def softplus(x: np.ndarray) -> np.ndarray:
 
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """x (..., in) @ weight (out, in)^T + bias (out,) -> (..., out), in the dtype of x."""
+    """x (..., in) @ weight (out, in)^T + bias (out,) -> (..., out).
+
+    The result has the dtype of x when weight and bias have it too (NumPy
+    promotes otherwise).
+    """
     y = x @ weight.T
     if bias is not None:
         y += bias
@@ -185,12 +189,18 @@ def conv1d(x: np.ndarray, segment_pos: np.ndarray, weight: np.ndarray, bias: np.
     `official[k, e] == weight[e, 0, k]`); tap W-1 multiplies the current token,
     tap W-1-s the token s steps back. bias: (E,).
     x_history, pos_history: the W-1 inputs before x and their segment_pos
-    (B, W-1, E), (B, W-1), oldest first; None means zeros before the sequence.
+    (B, W-1, E), (B, W-1), oldest first, given together; both None means zeros
+    before the sequence.
 
     The input s steps back is dropped when any of the s later tokens (up to and
     including the current one) starts a document.
     Returns (B, T, E) in the dtype of x.
     """
+    if (x_history is None) != (pos_history is None):
+        given, missing = (("x_history", "pos_history") if pos_history is None
+                          else ("pos_history", "x_history"))
+        raise ValueError(f"conv1d got {given} without {missing}: pass the W-1 inputs before "
+                         "x and their segment_pos together, or neither")
     B, T, E = x.shape
     W = weight.shape[-1]
     taps = weight.reshape(E, W)                                         # (E, W)
@@ -293,9 +303,10 @@ def apply_rope(x: np.ndarray, positions: np.ndarray,
                max_wavelength: float = 10_000.0) -> np.ndarray:
     """Rotary position embedding on the first half of each head; the second half passes.
 
-    x: (B, T, N, K); positions: (B, T). Within the rotated part of width
-    R = K/2, dimension i pairs with i + R/2 (split halves, not interleaved) and
-    turns by positions * max_wavelength^(-2i/R). Returns (B, T, N, K) in the
+    x: (B, T, N, K) with K a multiple of 4; positions: (B, T). Within the
+    rotated part of width R = K/2, dimension i pairs with i + R/2 (split halves,
+    not interleaved) and turns by the angle positions * max_wavelength^(-2i/R):
+    (a, b) becomes (a cos - b sin, b cos + a sin). Returns (B, T, N, K) in the
     dtype of x.
     """
     rotated, passed = np.split(x, 2, axis=-1)                           # (B, T, N, K/2) each
@@ -315,10 +326,14 @@ def local_attention(queries: np.ndarray, keys: np.ndarray, values: np.ndarray,
     """Banded causal multi-query attention over keys that end with the queries' own.
 
     queries: (B, T, N, K), already rotated; scores are scaled by K^-0.5 here.
-    keys, values: (B, S + T, K), in time order; the last T belong to the T
-    queries, the first S are the S tokens before them (from a cache; invalid
-    where `key_valid` (B, S + T) is False, e.g. before the sequence start).
-    query_doc (B, T), key_doc (B, S + T): document ids; attention never crosses them.
+    keys, values: (B, S + T, K) with S = window, in time order; the last T
+    belong to the T queries, the first S are the S tokens before them (from a
+    cache). At the start of a sequence those S rows are still required: fill
+    them with anything and mark them invalid in `key_valid` (B, S + T).
+    query_doc (B, T), key_doc (B, S + T): document ids, integers that are equal
+    exactly for tokens of one document; attention never crosses them.
+    `Model.forward` numbers a row's documents by counting segment_pos == 0 from
+    the row's start, so left padding gets its own id.
 
     Query t is at key index S + t and sees key indices t ... S + t: itself and
     the `window` tokens before it, so window + 1 keys (the official window).

@@ -454,9 +454,14 @@ class Model:
             where = tuple(int(i) for i in np.argwhere(outside)[0])
             raise ValueError(f"token id {int(tokens[where])} at index {list(where)} is outside "
                              f"the vocabulary [0, {V})")
-        if cache is not None and cache.batch_size != B:
-            raise ValueError(f"tokens have batch size {B} but the cache was built for "
-                             f"{cache.batch_size}")
+        if cache is not None:
+            if not isinstance(cache, Cache):
+                raise TypeError(f"cache must be a Cache from init_cache() or an earlier "
+                                f"forward call, got {type(cache).__name__}")
+            if cache.batch_size != B:
+                raise ValueError(f"tokens have batch size {B} but the cache was built for "
+                                 f"{cache.batch_size}")
+            self._check_cache(cache)
 
         if segment_pos is None:
             start = np.zeros((B,), np.int64) if cache is None else cache.last_segment_pos + 1
@@ -471,7 +476,50 @@ class Model:
             where = tuple(int(i) for i in np.argwhere(segment_pos < -1)[0])
             raise ValueError(f"segment_pos {int(segment_pos[where])} at index {list(where)} is "
                              "invalid: positions are >= 0, or -1 for left padding")
+        # Padding may only come before a row's first token, in this call or an earlier one.
+        started = np.logical_or.accumulate(segment_pos >= 0, axis=1)
+        if cache is not None:
+            started |= (cache.last_segment_pos >= 0)[:, None]
+        late_padding = (segment_pos == -1) & started
+        if late_padding.any():
+            where = [int(i) for i in np.argwhere(late_padding)[0]]
+            raise ValueError(f"segment_pos -1 at index {where} follows a token of row "
+                             f"{where[0]}: -1 marks left padding only, before a row's first "
+                             "token; to end a row early, feed it anything and ignore its logits")
         return tokens.astype(np.int64), segment_pos.astype(np.int64)
+
+
+    def _check_cache(self, cache: Cache) -> None:
+        """Raise ValueError unless `cache` has the shapes and dtypes of this model's caches."""
+        c = self.config
+        B, W, S, K, E = (cache.batch_size, c.conv1d_width - 1, c.attention_window, c.head_dim,
+                         c.lru_width)
+        expected = [("recent_segment_pos", cache.recent_segment_pos, (B, W), np.int64)]
+        if len(cache.blocks) != c.num_blocks:
+            raise ValueError(f"the cache has {len(cache.blocks)} blocks but this model has "
+                             f"{c.num_blocks}; build the cache with this model's init_cache() "
+                             "or forward()")
+        for i, (kind, state) in enumerate(zip(c.block_types, cache.blocks)):
+            if kind == RECURRENT and isinstance(state, RecurrentState):
+                expected += [(f"blocks[{i}].rg_lru_state", state.rg_lru_state, (B, E),
+                              self.dtype),
+                             (f"blocks[{i}].conv1d_state", state.conv1d_state, (B, W, E),
+                              self.dtype)]
+            elif kind == ATTENTION and isinstance(state, AttentionState):
+                expected += [(f"blocks[{i}].keys", state.keys, (B, S, K), self.dtype),
+                             (f"blocks[{i}].values", state.values, (B, S, K), self.dtype),
+                             (f"blocks[{i}].docs", state.docs, (B, S), np.int64)]
+            else:
+                raise ValueError(f"cache block {i} is a {type(state).__name__} but block {i} "
+                                 f"of this model is {kind}; build the cache with this "
+                                 "model's init_cache() or forward()")
+        for name, value, shape, dtype in expected:
+            if value.shape != shape or value.dtype != dtype:
+                raise ValueError(f"cache {name} is a {value.dtype} array of shape "
+                                 f"{value.shape}, but this model needs {np.dtype(dtype)} "
+                                 f"{shape}: the cache comes from a model with another "
+                                 "config or compute dtype; build it with this model's "
+                                 "init_cache() or forward()")
 
 
 # Values of forward's `logits` argument.

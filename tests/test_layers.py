@@ -1,6 +1,7 @@
 """Single layers against their definitions, on inputs small enough to check by hand."""
 
 import numpy as np
+import pytest
 
 from rgref import layers
 
@@ -39,6 +40,13 @@ def test_conv1d_stops_at_document_start():
     segment_pos = np.array([[0, 1, 2, 0, 1, 2]])
     y = layers.conv1d(x, segment_pos, weight, np.zeros(1))
     np.testing.assert_array_equal(y[0, :, 0], [1, 2, 3, 1, 2, 3])
+
+
+def test_conv1d_history_needs_both_parts():
+    x = np.ones((1, 2, 1))
+    with pytest.raises(ValueError, match="got x_history without pos_history"):
+        layers.conv1d(x, np.array([[0, 1]]), np.ones((1, 1, 4)), np.zeros(1),
+                      x_history=np.zeros((1, 3, 1)))
 
 
 def test_rope_pairs_split_halves_of_first_half():

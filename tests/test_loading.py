@@ -1,5 +1,6 @@
 """rgref.load on every supported layout, and its errors on broken checkpoints."""
 
+import dataclasses
 import json
 import os
 
@@ -12,6 +13,7 @@ from rgref.config import Config, ConfigError
 from rgref.dtypes import bfloat16_to_float32, float32_to_bfloat16
 from rgref import loading
 from rgref.loading import CheckpointError
+from rgref.model import Model
 from rgref.random_model import random_model
 from rgref.saving import save
 from tolerances import assert_close
@@ -246,6 +248,50 @@ def test_bad_tokens(model):
     _, cache = model.forward(np.array([[1, 2]]))
     with pytest.raises(ValueError, match="batch size 2 but the cache was built for 1"):
         model.forward(np.array([[1], [2]]), cache=cache)
+
+
+def test_padding_after_token_rejected(model):
+    with pytest.raises(ValueError, match=r"segment_pos -1 at index \[0, 3\] follows a token"):
+        model.forward(np.array([[5, 6, 7, 0]]), segment_pos=np.array([[0, 1, 2, -1]]))
+    _, cache = model.forward(np.array([[5, 6]]))
+    with pytest.raises(ValueError, match=r"segment_pos -1 at index \[0, 0\] follows a token"):
+        model.forward(np.array([[0]]), segment_pos=np.array([[-1]]), cache=cache)
+
+
+def test_padding_across_calls_accepted(model):
+    _, cache = model.forward(np.array([[0, 0]]), segment_pos=np.array([[-1, -1]]))
+    model.forward(np.array([[0, 5]]), segment_pos=np.array([[-1, 0]]), cache=cache)
+    assert cache.last_segment_pos.tolist() == [0]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(attention_window=8), r"blocks\[2\].keys is a float32 array of shape \(1, 8, 8\)"),
+    (dict(lru_width=48), r"blocks\[0\].rg_lru_state is a float32 array of shape \(1, 48\)"),
+    (dict(block_types=("attention", "recurrent", "attention")), "cache block 0 is a"),
+    (dict(block_types=("recurrent",) * 4), "the cache has 4 blocks"),
+])
+def test_cache_from_other_config_rejected(model, change, message):
+    other = random_model(dataclasses.replace(CONFIG, **change), seed=1)
+    _, cache = other.forward(np.array([[1, 2]]))
+    before = cache.copy()
+    with pytest.raises(ValueError, match=message):
+        model.forward(np.array([[3]]), cache=cache)
+    assert cache.num_tokens == before.num_tokens
+    for state, state_before in zip(cache.blocks, before.blocks):
+        for value, value_before in zip(vars(state).values(), vars(state_before).values()):
+            np.testing.assert_array_equal(value, value_before)
+
+
+def test_cache_of_other_dtype_rejected(model):
+    wide = Model(CONFIG, model.params, dtype=np.float64)
+    _, cache = wide.forward(np.array([[1, 2]]))
+    with pytest.raises(ValueError, match="another config or compute dtype"):
+        model.forward(np.array([[3]]), cache=cache)
+
+
+def test_cache_of_wrong_type_rejected(model):
+    with pytest.raises(TypeError, match="cache must be a Cache.*got tuple"):
+        model.forward(np.array([[3]]), cache=(1, 2))
 
 
 # ------------------------------------------- official PyTorch checkpoints
