@@ -244,6 +244,10 @@ static int local_attention_parallel(int use_avx2, const float *queries, const fl
     float scale = (float)(1.0 / sqrt((double)head_dim));
     int64_t num_items = batch * time * heads;
     int num_threads = rgref_get_num_threads();
+    /* Each query reads at most window + 1 keys and values. */
+    if (num_items * (window + 1) * head_dim * 2 < MIN_PARALLEL_MULTIPLY_ADDS) {
+        num_threads = 1;
+    }
     (void)num_threads; /* unused without OpenMP */
     int failed = 0;
 

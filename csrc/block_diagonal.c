@@ -207,6 +207,9 @@ static void block_diagonal_parallel(int use_avx2, const float *x, const void *w,
     (void)use_avx2;
 #endif
     int num_threads = rgref_get_num_threads();
+    if (n * heads * width * width < MIN_PARALLEL_MULTIPLY_ADDS) {
+        num_threads = 1;
+    }
     (void)num_threads; /* unused without OpenMP */
 
 #ifdef _OPENMP

@@ -611,6 +611,9 @@ static void linear_parallel(int use_avx2, const float *x, const void *w, int w_i
     int64_t chunk_rows = x_reordered != NULL ? GEMM_BLOCK_ROWS : DOT_CHUNK_ROWS;
     int64_t num_chunks = (m + chunk_rows - 1) / chunk_rows;
     int num_threads = rgref_get_num_threads();
+    if (n * k * m < MIN_PARALLEL_MULTIPLY_ADDS) {
+        num_threads = 1;
+    }
     (void)num_threads; /* unused without OpenMP */
 
 #ifdef _OPENMP

@@ -127,7 +127,8 @@ def make_linear_case(seed, n, k, m, weight_dtype, bias_kind):
 
 
 # K from two ranges: short rows (all tail, or a few 8-lane steps) and rows as long as
-# the model's. Threads take 96 or 128 rows of W at a time, so M <= 100 rarely splits;
+# the model's. Threads take 96 or 128 rows of W at a time, and a call of fewer than
+# 2**17 multiply-adds runs on one thread, so these shapes rarely split;
 # test_linear_blocked_shapes and test_linear_model_size cover the split.
 linear_shapes = st.tuples(
     st.integers(1, 40),
@@ -549,6 +550,28 @@ def test_block_diagonal_matches_float64_oracle(weight_dtype, n, heads, width, wi
             "float32 give different results")
 
 
+# Matrix kernels run on one thread below 2**17 multiply-adds (MIN_PARALLEL_MULTIPLY_ADDS
+# in csrc/kernels_common.h), so the property tests' shapes seldom split; these do.
+@needs_kernels
+@pytest.mark.parametrize("variant", FAST_VARIANTS)
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("n, heads, width", [(1, 10, 256), (7, 2, 144), (5, 3, 100)])
+def test_block_diagonal_threads_same_bits(variant, weight_dtype, n, heads, width):
+    x, w, w_f32, bias = make_block_diagonal_case(11, n, heads, width, weight_dtype, True)
+    expected, bound = block_diagonal_oracle(x, w_f32, bias)
+    by_threads = {}
+    for num_threads in THREAD_COUNTS:
+        with thread_count(num_threads):
+            by_threads[num_threads] = kernels.block_diagonal_linear(x, w, bias,
+                                                                    variant=variant)
+        assert_within_bound(by_threads[num_threads], expected, bound,
+                            f"block_diagonal_linear {variant} {weight_dtype} N={n} H={heads} "
+                            f"W={width} threads={num_threads}")
+    assert np.array_equal(by_threads[1], by_threads[2]), (
+        f"block_diagonal_linear {variant} N={n} H={heads} W={width}: 1-thread and "
+        "2-thread results differ")
+
+
 @needs_kernels
 @pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
 def test_block_diagonal_model_size(weight_dtype):
@@ -692,6 +715,28 @@ def test_local_attention_matches_float64_oracle(batch, time, heads, head_dim, wi
     for variant in FAST_VARIANTS:
         assert np.array_equal(results[variant, 1], results[variant, 2]), (
             f"local_attention {variant}: 1-thread and 2-thread results differ")
+
+
+# As for the block-diagonal kernel: shapes above the one-thread limit of 2**17
+# multiply-adds, a prompt chunk and a decoding step at the 2B head size.
+@needs_kernels
+@pytest.mark.parametrize("variant", FAST_VARIANTS)
+@pytest.mark.parametrize("batch, time, heads, head_dim, window, num_cached",
+                         [(2, 16, 4, 64, 32, 40), (1, 1, 10, 256, 64, 100)])
+def test_local_attention_threads_same_bits(variant, batch, time, heads, head_dim, window,
+                                           num_cached):
+    case = make_attention_case(13, batch, time, heads, head_dim, window, num_cached, 3)
+    expected, bound = attention_oracle(*case, num_cached)
+    by_threads = {}
+    for num_threads in THREAD_COUNTS:
+        with thread_count(num_threads):
+            by_threads[num_threads] = kernels.local_attention(*case, num_cached,
+                                                              variant=variant)
+        assert_within_bound(by_threads[num_threads], expected, bound,
+                            f"local_attention {variant} B={batch} T={time} H={heads} "
+                            f"K={head_dim} S={window} threads={num_threads}")
+    assert np.array_equal(by_threads[1], by_threads[2]), (
+        f"local_attention {variant} B={batch} T={time}: 1-thread and 2-thread results differ")
 
 
 @needs_kernels
