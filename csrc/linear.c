@@ -69,10 +69,11 @@ static const int chunk_second[LANES] = {4, 5, 6, 7, 12, 13, 14, 15};
 #define DOT_TILE_ROWS 4
 
 /* Bytes ahead in each bfloat16 weight row that a matrix-vector tile prefetches, once
-   per 64-byte line. On a 2-core Intel Xeon VM, 256 bytes raised a 7680 x 2560 GEMV from
-   27.3 to 29.4 GB/s (tools/gemv_probe.c, 2 threads, mean of 3 runs). An earlier test on a
-   2-core AMD EPYC (Zen 4) VM found no change at 256 bytes, and up to 19% less at 1024
-   and 2048 bytes. */
+   per 64-byte line. On a 2-core Intel Xeon VM, the prefetch variant of tools/gemv_probe.c
+   raised a 7680 x 2560 GEMV from 27.3 to 29.4 GB/s at 256 bytes (2 threads, mean of 3
+   runs of best of 10 passes). This loop then cut `linear` in a 2B decoding step from
+   194-199 to 185-189 ms. An earlier test on a 2-core AMD EPYC (Zen 4) VM found no change
+   at 256 bytes, and up to 19% less at 1024 and 2048 bytes. */
 #define DOT_PREFETCH_BYTES 256
 
 /* Rows of x and of W per matrix-matrix tile. */

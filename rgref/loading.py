@@ -67,6 +67,7 @@ def load(path: str | os.PathLike, dtype=np.float32, preset: str | None = None,
       CheckpointError: naming the file and the problem, e.g. a tensor with the
         wrong shape, a missing shard, or a config.json that contradicts the
         weights.
+      ConfigError: a preset given for a checkpoint that has a config.json.
     """
     path = os.fspath(path)
     if not os.path.exists(path):

@@ -77,6 +77,9 @@ class Cache:
     num_documents: np.ndarray      # (B,) documents started so far (tokens with segment_pos 0)
     recent_segment_pos: np.ndarray  # (B, W-1) segment_pos of the last W-1 tokens
     blocks: list                   # one RecurrentState or AttentionState per block
+    # (B,) rows whose tokens were followed by padding (-1): they take no more tokens.
+    # None means no such row.
+    ended: np.ndarray | None = None
 
     @property
     def batch_size(self) -> int:
@@ -203,7 +206,8 @@ class Model:
             num_documents=np.zeros((batch_size,), np.int64),
             # Before the sequence the Conv1D sees zeros, which need no document mask.
             recent_segment_pos=np.ones((batch_size, c.conv1d_width - 1), np.int64),
-            blocks=blocks)
+            blocks=blocks,
+            ended=np.zeros((batch_size,), bool))
 
     # -------------------------------------------------------------- forward
 
@@ -433,6 +437,8 @@ class Model:
     # ------------------------------------------------------------ bookkeeping
 
     def _advance_cache(self, cache: Cache, segment_pos: np.ndarray, docs: np.ndarray) -> None:
+        # Before last_segment_pos moves, which _ended_rows reads.
+        cache.ended = _ended_rows(segment_pos, cache)[:, -1].copy()
         cache.num_tokens += segment_pos.shape[1]
         cache.last_segment_pos = segment_pos[:, -1].astype(np.int64)
         cache.num_documents = docs[:, -1].astype(np.int64)
@@ -475,17 +481,18 @@ class Model:
         if (segment_pos < -1).any():
             where = tuple(int(i) for i in np.argwhere(segment_pos < -1)[0])
             raise ValueError(f"segment_pos {int(segment_pos[where])} at index {list(where)} is "
-                             "invalid: positions are >= 0, or -1 for left padding")
-        # Padding may only come before a row's first token, in this call or an earlier one.
-        started = np.logical_or.accumulate(segment_pos >= 0, axis=1)
-        if cache is not None:
-            started |= (cache.last_segment_pos >= 0)[:, None]
-        late_padding = (segment_pos == -1) & started
-        if late_padding.any():
-            where = [int(i) for i in np.argwhere(late_padding)[0]]
-            raise ValueError(f"segment_pos -1 at index {where} follows a token of row "
-                             f"{where[0]}: -1 marks left padding only, before a row's first "
-                             "token; to end a row early, feed it anything and ignore its logits")
+                             "invalid: positions are >= 0, or -1 for padding")
+        # Padding goes before a row's tokens or after them (right padding for scoring).
+        # No token may follow padding that followed tokens, in this call or a later one,
+        # because the padding would be in its context.
+        resumed = (segment_pos >= 0) & _ended_rows(segment_pos, cache)
+        if resumed.any():
+            where = [int(i) for i in np.argwhere(resumed)[0]]
+            raise ValueError(
+                f"segment_pos {int(segment_pos[tuple(where)])} at index {where} comes after "
+                f"padding (-1) that follows tokens of row {where[0]}, in this call or an "
+                "earlier one: padding may only come before a row's tokens or end the row; "
+                "to continue the row, feed it again without the padding")
         return tokens.astype(np.int64), segment_pos.astype(np.int64)
 
 
@@ -494,7 +501,11 @@ class Model:
         c = self.config
         B, W, S, K, E = (cache.batch_size, c.conv1d_width - 1, c.attention_window, c.head_dim,
                          c.lru_width)
-        expected = [("recent_segment_pos", cache.recent_segment_pos, (B, W), np.int64)]
+        expected = [("last_segment_pos", cache.last_segment_pos, (B,), np.int64),
+                    ("num_documents", cache.num_documents, (B,), np.int64),
+                    ("recent_segment_pos", cache.recent_segment_pos, (B, W), np.int64)]
+        if cache.ended is not None:
+            expected.append(("ended", cache.ended, (B,), bool))
         if len(cache.blocks) != c.num_blocks:
             raise ValueError(f"the cache has {len(cache.blocks)} blocks but this model has "
                              f"{c.num_blocks}; build the cache with this model's init_cache() "
@@ -510,9 +521,9 @@ class Model:
                              (f"blocks[{i}].values", state.values, (B, S, K), self.dtype),
                              (f"blocks[{i}].docs", state.docs, (B, S), np.int64)]
             else:
-                raise ValueError(f"cache block {i} is a {type(state).__name__} but block {i} "
-                                 f"of this model is {kind}; build the cache with this "
-                                 "model's init_cache() or forward()")
+                raise ValueError(f"cache block {i} is of type {type(state).__name__} but "
+                                 f"block {i} of this model is {kind}; build the cache with "
+                                 "this model's init_cache() or forward()")
         for name, value, shape, dtype in expected:
             if value.shape != shape or value.dtype != dtype:
                 raise ValueError(f"cache {name} is a {value.dtype} array of shape "
@@ -520,6 +531,14 @@ class Model:
                                  f"{shape}: the cache comes from a model with another "
                                  "config or compute dtype; build it with this model's "
                                  "init_cache() or forward()")
+            # The block states are written in place, and the kernels read them as
+            # contiguous buffers.
+            if name.startswith("blocks[") and not (value.flags.writeable
+                                                   and value.flags.c_contiguous):
+                problem = "read-only" if not value.flags.writeable else "not C-contiguous"
+                raise ValueError(f"cache {name} is {problem} (a broadcast or a strided "
+                                 "view?), but forward updates it in place; give the cache "
+                                 "a copy of it made with np.array()")
 
 
 # Values of forward's `logits` argument.
@@ -583,6 +602,18 @@ def _kernel_weight(weight: np.ndarray) -> np.ndarray:
     if weight.dtype in (np.float32, np.uint16):
         return weight
     return to_compute_dtype(weight, np.float32)
+
+
+def _ended_rows(segment_pos: np.ndarray, cache: Cache | None) -> np.ndarray:
+    """Return (B, T): whether padding after the row's tokens came at or before each step."""
+    started = np.logical_or.accumulate(segment_pos >= 0, axis=1)
+    ended = np.zeros(segment_pos.shape[0], bool)
+    if cache is not None:
+        started |= (cache.last_segment_pos >= 0)[:, None]
+        if cache.ended is not None:
+            ended = cache.ended
+    trailing_padding = (segment_pos == -1) & started
+    return np.logical_or.accumulate(trailing_padding, axis=1) | ended[:, None]
 
 
 def _put(record: dict | None, name: str, value: np.ndarray) -> None:

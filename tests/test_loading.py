@@ -13,7 +13,7 @@ from rgref.config import Config, ConfigError
 from rgref.dtypes import bfloat16_to_float32, float32_to_bfloat16
 from rgref import loading
 from rgref.loading import CheckpointError
-from rgref.model import Model
+from rgref.model import Cache, Model
 from rgref.random_model import random_model
 from rgref.saving import save
 from tolerances import assert_close
@@ -250,12 +250,30 @@ def test_bad_tokens(model):
         model.forward(np.array([[1], [2]]), cache=cache)
 
 
-def test_padding_after_token_rejected(model):
-    with pytest.raises(ValueError, match=r"segment_pos -1 at index \[0, 3\] follows a token"):
-        model.forward(np.array([[5, 6, 7, 0]]), segment_pos=np.array([[0, 1, 2, -1]]))
-    _, cache = model.forward(np.array([[5, 6]]))
-    with pytest.raises(ValueError, match=r"segment_pos -1 at index \[0, 0\] follows a token"):
-        model.forward(np.array([[0]]), segment_pos=np.array([[-1]]), cache=cache)
+def test_right_padding_scores_like_unpadded(model):
+    padded, _ = model.forward(np.array([[5, 6, 7, 0, 0]]),
+                              segment_pos=np.array([[0, 1, 2, -1, -1]]))
+    alone, _ = model.forward(np.array([[5, 6, 7]]))
+    np.testing.assert_array_equal(padded[:, :3], alone)
+
+
+def test_token_after_right_padding_rejected(model):
+    with pytest.raises(ValueError, match=r"segment_pos 3 at index \[0, 4\] comes after "
+                                         r"padding \(-1\) that follows tokens of row 0"):
+        model.forward(np.array([[5, 6, 7, 0, 8]]), segment_pos=np.array([[0, 1, 2, -1, 3]]))
+    # Across calls: the row that ended in padding takes no more tokens, by default
+    # positions or given ones, and the cache is left as it was.
+    _, cache = model.forward(np.array([[5, 6, 0], [5, 6, 7]]),
+                             segment_pos=np.array([[0, 1, -1], [0, 1, 2]]))
+    before = cache.copy()
+    with pytest.raises(ValueError, match=r"index \[0, 0\] comes after padding"):
+        model.forward(np.array([[8], [8]]), cache=cache)
+    with pytest.raises(ValueError, match=r"index \[0, 0\] comes after padding"):
+        model.forward(np.array([[8], [8]]), segment_pos=np.array([[2], [3]]), cache=cache)
+    assert cache.num_tokens == before.num_tokens
+    # More padding for the ended row is fine, and the other row goes on.
+    model.forward(np.array([[0], [8]]), segment_pos=np.array([[-1], [3]]), cache=cache)
+    assert cache.ended.tolist() == [True, False]
 
 
 def test_padding_across_calls_accepted(model):
@@ -267,7 +285,7 @@ def test_padding_across_calls_accepted(model):
 @pytest.mark.parametrize("change, message", [
     (dict(attention_window=8), r"blocks\[2\].keys is a float32 array of shape \(1, 8, 8\)"),
     (dict(lru_width=48), r"blocks\[0\].rg_lru_state is a float32 array of shape \(1, 48\)"),
-    (dict(block_types=("attention", "recurrent", "attention")), "cache block 0 is a"),
+    (dict(block_types=("attention", "recurrent", "attention")), "cache block 0 is of type"),
     (dict(block_types=("recurrent",) * 4), "the cache has 4 blocks"),
 ])
 def test_cache_from_other_config_rejected(model, change, message):
@@ -287,6 +305,20 @@ def test_cache_of_other_dtype_rejected(model):
     _, cache = wide.forward(np.array([[1, 2]]))
     with pytest.raises(ValueError, match="another config or compute dtype"):
         model.forward(np.array([[3]]), cache=cache)
+
+
+def test_broadcast_cache_rejected(model):
+    _, single = model.forward(np.array([[1, 2, 3]]))
+
+    def spread(value):
+        return np.broadcast_to(value, (3,) + value.shape[1:])
+
+    blocks = [type(state)(**{k: spread(v) for k, v in vars(state).items()})
+              for state in single.blocks]
+    cache = Cache(single.num_tokens, spread(single.last_segment_pos),
+                  spread(single.num_documents), spread(single.recent_segment_pos), blocks)
+    with pytest.raises(ValueError, match=r"cache blocks\[0\].rg_lru_state is read-only"):
+        model.forward(np.array([[4], [5], [6]]), cache=cache)
 
 
 def test_cache_of_wrong_type_rejected(model):
