@@ -197,9 +197,9 @@ def conv1d(x: np.ndarray, segment_pos: np.ndarray, weight: np.ndarray, bias: np.
     Returns (B, T, E) in the dtype of x.
     """
     if (x_history is None) != (pos_history is None):
-        given, missing = (("x_history", "pos_history") if pos_history is None
-                          else ("pos_history", "x_history"))
-        raise ValueError(f"conv1d got {given} without {missing}: pass the W-1 inputs before "
+        present, absent = (("x_history", "pos_history") if pos_history is None
+                           else ("pos_history", "x_history"))
+        raise ValueError(f"conv1d got {present} without {absent}: pass the W-1 inputs before "
                          "x and their segment_pos together, or neither")
     B, T, E = x.shape
     W = weight.shape[-1]

@@ -212,10 +212,23 @@ def _weights_file(path: str, directory: str) -> str | None:
 def _listed_shards(index_path: str) -> set[str]:
     """Return the shard file names that a safetensors index lists (none if it is unreadable)."""
     try:
-        with open(index_path, encoding="utf-8") as f:
-            return set(json.load(f)["weight_map"].values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set(_read_weight_map(index_path).values())
+    except CheckpointError:
         return set()
+
+
+def _read_weight_map(index_path: str) -> dict[str, str]:
+    """Return the tensor-to-shard map of a safetensors index file."""
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path} is not a valid safetensors index "
+                              f"(needs a 'weight_map' object): {e}") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path} is not a valid safetensors index: its "
+                              f"'weight_map' is a {type(weight_map).__name__}, not an object")
+    return weight_map
 
 
 def _single_torch_file(directory: str, has_config: bool) -> str | None:
@@ -251,12 +264,7 @@ def _read_directory(directory: str) -> tuple[dict[str, np.ndarray], dict[str, st
     index_path = os.path.join(directory, INDEX_FILE)
     single_path = os.path.join(directory, SINGLE_FILE)
     if os.path.isfile(index_path):
-        try:
-            with open(index_path, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_path} is not a valid safetensors index "
-                                  f"(needs a 'weight_map' object): {e}") from None
+        weight_map = _read_weight_map(index_path)
         tensors: dict[str, np.ndarray] = {}
         origin: dict[str, str] = {}
         for shard in sorted(set(weight_map.values())):

@@ -238,7 +238,7 @@ class Model:
         """
         if logits not in LOGITS_CHOICES:
             raise ValueError(f"logits must be one of {LOGITS_CHOICES}, got {logits!r}")
-        tokens, segment_pos = self._check_inputs(tokens, segment_pos, cache)
+        tokens, segment_pos, ended = self._check_inputs(tokens, segment_pos, cache)
         if cache is None:
             cache = self.init_cache(tokens.shape[0])
         record: dict | None = {} if return_intermediates else None
@@ -283,7 +283,7 @@ class Model:
         else:
             output = layers.soft_cap(output, c.logits_soft_cap)
 
-        self._advance_cache(cache, segment_pos, docs)
+        self._advance_cache(cache, segment_pos, docs, ended)
         if return_intermediates:
             return output, cache, record
         return output, cache
@@ -436,9 +436,9 @@ class Model:
 
     # ------------------------------------------------------------ bookkeeping
 
-    def _advance_cache(self, cache: Cache, segment_pos: np.ndarray, docs: np.ndarray) -> None:
-        # Before last_segment_pos moves, which _ended_rows reads.
-        cache.ended = _ended_rows(segment_pos, cache)[:, -1].copy()
+    def _advance_cache(self, cache: Cache, segment_pos: np.ndarray, docs: np.ndarray,
+                       ended: np.ndarray) -> None:
+        cache.ended = ended[:, -1].copy()
         cache.num_tokens += segment_pos.shape[1]
         cache.last_segment_pos = segment_pos[:, -1].astype(np.int64)
         cache.num_documents = docs[:, -1].astype(np.int64)
@@ -446,6 +446,7 @@ class Model:
                                                segment_pos.astype(np.int64))
 
     def _check_inputs(self, tokens, segment_pos, cache: Cache | None):
+        """Return tokens and segment_pos as int64 (B, T) and their `_ended_rows`, or raise."""
         tokens = np.asarray(tokens)
         if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError(f"tokens must be an integer array of shape [batch, time], got "
@@ -485,7 +486,8 @@ class Model:
         # Padding goes before a row's tokens or after them (right padding for scoring).
         # No token may follow padding that followed tokens, in this call or a later one,
         # because the padding would be in its context.
-        resumed = (segment_pos >= 0) & _ended_rows(segment_pos, cache)
+        ended = _ended_rows(segment_pos, cache)
+        resumed = (segment_pos >= 0) & ended
         if resumed.any():
             where = [int(i) for i in np.argwhere(resumed)[0]]
             raise ValueError(
@@ -493,7 +495,7 @@ class Model:
                 f"padding (-1) that follows tokens of row {where[0]}, in this call or an "
                 "earlier one: padding may only come before a row's tokens or end the row; "
                 "to continue the row, feed it again without the padding")
-        return tokens.astype(np.int64), segment_pos.astype(np.int64)
+        return tokens.astype(np.int64), segment_pos.astype(np.int64), ended
 
 
     def _check_cache(self, cache: Cache) -> None:

@@ -81,6 +81,21 @@ def assert_within_bound(actual, expected, bound, label: str) -> None:
         )
 
 
+def check_at_each_thread_count(call, expected, bound, label: str) -> np.ndarray:
+    """Run call() at each of THREAD_COUNTS, check each output against the oracle bound and
+    that all are bitwise equal, and return the 1-thread output."""
+    outputs = []
+    for num_threads in THREAD_COUNTS:
+        with thread_count(num_threads):
+            output = call()
+        assert_within_bound(output, expected, bound, f"{label} threads={num_threads}")
+        outputs.append(output)
+    for output in outputs[1:]:
+        assert np.array_equal(outputs[0], output), (
+            f"{label}: results differ between {THREAD_COUNTS} threads")
+    return outputs[0]
+
+
 # ---------------------------------------------------------------------------
 # Linear layer
 # ---------------------------------------------------------------------------
@@ -208,13 +223,8 @@ def test_linear_model_size(weight_dtype, n):
     # The MLP up projection of recurrentgemma-2b: 7680 x 2560.
     x, w, w_f32, bias, bias_f32 = make_linear_case(7, n, 2560, 7680, weight_dtype, "float32")
     expected, bound = linear_oracle(x, w_f32, bias_f32)
-    by_threads = {}
-    for num_threads in THREAD_COUNTS:
-        with thread_count(num_threads):
-            by_threads[num_threads] = kernels.linear(x, w, bias)
-        assert_within_bound(by_threads[num_threads], expected, bound,
-                            f"linear fast {weight_dtype} N={n} threads={num_threads}")
-    assert np.array_equal(by_threads[1], by_threads[2])
+    check_at_each_thread_count(lambda: kernels.linear(x, w, bias), expected, bound,
+                               f"linear fast {weight_dtype} N={n}")
     naive = kernels.linear(x, w, bias, variant="naive")
     assert_within_bound(naive, expected, bound, f"linear naive {weight_dtype} N={n}")
 
@@ -252,19 +262,13 @@ def test_linear_blocked_shapes(weight_dtype, n, k, m):
     x, w, w_f32, bias, bias_f32 = make_linear_case(n * k + m, n, k, m, weight_dtype, "float32")
     expected, bound = linear_oracle(x, w_f32, bias_f32)
     for variant in FAST_VARIANTS:
-        by_threads = {}
-        for num_threads in THREAD_COUNTS:
-            with thread_count(num_threads):
-                by_threads[num_threads] = kernels.linear(x, w, bias, variant=variant)
-            assert_within_bound(by_threads[num_threads], expected, bound,
-                                f"linear {variant} {weight_dtype} N={n} K={k} M={m} "
-                                f"threads={num_threads}")
-        assert np.array_equal(by_threads[1], by_threads[2]), (
-            f"linear {variant} N={n} K={k} M={m}: 1-thread and 2-thread results differ")
+        together = check_at_each_thread_count(
+            lambda: kernels.linear(x, w, bias, variant=variant), expected, bound,
+            f"linear {variant} {weight_dtype} N={n} K={k} M={m}")
         # The first and last rows alone take the matrix-vector structure.
         for row in (0, n - 1):
             alone = kernels.linear(x[row : row + 1], w, bias, variant=variant)
-            assert np.array_equal(alone[0], by_threads[1][row]), (
+            assert np.array_equal(alone[0], together[row]), (
                 f"linear {variant} N={n} K={k} M={m}: row {row} alone differs from the "
                 f"same row computed with the others")
 
@@ -559,17 +563,9 @@ def test_block_diagonal_matches_float64_oracle(weight_dtype, n, heads, width, wi
 def test_block_diagonal_threads_same_bits(variant, weight_dtype, n, heads, width):
     x, w, w_f32, bias = make_block_diagonal_case(11, n, heads, width, weight_dtype, True)
     expected, bound = block_diagonal_oracle(x, w_f32, bias)
-    by_threads = {}
-    for num_threads in THREAD_COUNTS:
-        with thread_count(num_threads):
-            by_threads[num_threads] = kernels.block_diagonal_linear(x, w, bias,
-                                                                    variant=variant)
-        assert_within_bound(by_threads[num_threads], expected, bound,
-                            f"block_diagonal_linear {variant} {weight_dtype} N={n} H={heads} "
-                            f"W={width} threads={num_threads}")
-    assert np.array_equal(by_threads[1], by_threads[2]), (
-        f"block_diagonal_linear {variant} N={n} H={heads} W={width}: 1-thread and "
-        "2-thread results differ")
+    check_at_each_thread_count(
+        lambda: kernels.block_diagonal_linear(x, w, bias, variant=variant), expected, bound,
+        f"block_diagonal_linear {variant} {weight_dtype} N={n} H={heads} W={width}")
 
 
 @needs_kernels
@@ -727,16 +723,9 @@ def test_local_attention_threads_same_bits(variant, batch, time, heads, head_dim
                                            num_cached):
     case = make_attention_case(13, batch, time, heads, head_dim, window, num_cached, 3)
     expected, bound = attention_oracle(*case, num_cached)
-    by_threads = {}
-    for num_threads in THREAD_COUNTS:
-        with thread_count(num_threads):
-            by_threads[num_threads] = kernels.local_attention(*case, num_cached,
-                                                              variant=variant)
-        assert_within_bound(by_threads[num_threads], expected, bound,
-                            f"local_attention {variant} B={batch} T={time} H={heads} "
-                            f"K={head_dim} S={window} threads={num_threads}")
-    assert np.array_equal(by_threads[1], by_threads[2]), (
-        f"local_attention {variant} B={batch} T={time}: 1-thread and 2-thread results differ")
+    check_at_each_thread_count(
+        lambda: kernels.local_attention(*case, num_cached, variant=variant), expected, bound,
+        f"local_attention {variant} B={batch} T={time} H={heads} K={head_dim} S={window}")
 
 
 @needs_kernels
