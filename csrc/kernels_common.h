@@ -28,6 +28,11 @@
 #include <immintrin.h>
 #define RGREF_AVX2 __attribute__((target("avx2,fma")))
 #define RGREF_AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma")))
+/* The matrix-matrix tiles also have AVX-512 code (foundation and DQ instructions), which
+   runs the same FMAs in the same order on registers twice as wide. */
+#define RGREF_AVX512 __attribute__((target("avx512f,avx512dq,avx2,fma")))
+#define RGREF_AVX512_INLINE \
+    static inline __attribute__((always_inline, target("avx512f,avx512dq,avx2,fma")))
 #else
 #define RGREF_HAVE_AVX2_CODE 0
 #endif
@@ -41,6 +46,15 @@
 /* Floats in one AVX2 register. The portable code uses the same width where the order
    of a sum depends on it. */
 #define LANES 8
+
+/* The instruction sets a fast kernel can run, from rgref_simd_level(). */
+#define RGREF_SIMD_PORTABLE 0
+#define RGREF_SIMD_AVX2 1
+#define RGREF_SIMD_AVX512 2
+
+/* Return the widest of those that this build has code for, the CPU runs and
+   rgref_set_avx512 allows. */
+int rgref_simd_level(void);
 
 static inline int64_t min_i64(int64_t a, int64_t b) {
     return a < b ? a : b;

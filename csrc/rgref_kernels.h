@@ -35,6 +35,12 @@ int rgref_get_num_threads(void);
 int rgref_has_openmp(void);
 /* Return 1 when the fast kernels run their AVX2+FMA code on this CPU, else 0. */
 int rgref_uses_avx2(void);
+/* Allow (1, the default) or forbid (0) the AVX-512 code of the matrix-matrix tiles, for
+   this process. Either way the results are bitwise the same. */
+void rgref_set_avx512(int allowed);
+/* Return 1 when the fast linear layers run their AVX-512 code for prompts, else 0:
+   the build has it, the CPU runs it and rgref_set_avx512 allows it. */
+int rgref_uses_avx512(void);
 
 /* RG-LRU scan.
  *

@@ -37,3 +37,27 @@ int rgref_uses_avx2(void) {
 #endif
 }
 
+
+/* Whether rgref_set_avx512 allows the AVX-512 code. */
+static int avx512_allowed = 1;
+
+void rgref_set_avx512(int allowed) {
+    avx512_allowed = allowed != 0;
+}
+
+int rgref_uses_avx512(void) {
+#if RGREF_HAVE_AVX2_CODE
+    __builtin_cpu_init();
+    return avx512_allowed && rgref_uses_avx2() && __builtin_cpu_supports("avx512f") &&
+           __builtin_cpu_supports("avx512dq");
+#else
+    return 0;
+#endif
+}
+
+int rgref_simd_level(void) {
+    if (rgref_uses_avx512()) {
+        return RGREF_SIMD_AVX512;
+    }
+    return rgref_uses_avx2() ? RGREF_SIMD_AVX2 : RGREF_SIMD_PORTABLE;
+}

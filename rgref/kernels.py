@@ -10,7 +10,9 @@ projections), `local_attention` (a chunk of queries over itself and the
 key/value cache), `conv1d`, `gelu_tanh` and `soft_cap`. Each comes in three variants,
 chosen with `variant=`:
   "fast"      AVX2+FMA code when the CPU supports it, else the portable code;
-              runs on `get_num_threads()` OpenMP threads
+              runs on `get_num_threads()` OpenMP threads. For prompts, `linear`
+              runs AVX-512 code where the CPU has it (`uses_avx512()`), with
+              the same bits as the AVX2 code
   "portable"  the fast structure in plain C (what CPUs without AVX2 run)
   "naive"     plain loops on one thread, written next to the formula
 The fast variants split work by channel, output feature or query, never inside
@@ -80,6 +82,27 @@ def has_openmp() -> bool:
 def uses_avx2() -> bool:
     """Return whether the "fast" variants run AVX2+FMA code on this CPU."""
     return bool(_library().lib.rgref_uses_avx2())
+
+
+def uses_avx512() -> bool:
+    """Return whether the "fast" linear layers run AVX-512 code for prompts.
+
+    That needs a CPU with AVX-512F and AVX-512DQ, and `set_avx512` not to forbid it.
+    The AVX-512 code multiplies and adds in the same order as the AVX2 code, so the
+    results are bitwise the same.
+    """
+    return bool(_library().lib.rgref_uses_avx512())
+
+
+def set_avx512(allowed: bool) -> None:
+    """Allow (the default) or forbid the AVX-512 code of the "fast" linear layers.
+
+    The setting applies to this process. The results do not change, only the speed
+    of prompts on CPUs that have AVX-512; tests use it to compare the two codes.
+    """
+    if not isinstance(allowed, (bool, np.bool_)):
+        raise ValueError(f"allowed must be True or False, got {allowed!r}")
+    _library().lib.rgref_set_avx512(int(allowed))
 
 
 def set_num_threads(num_threads: int) -> None:

@@ -273,6 +273,52 @@ def test_linear_blocked_shapes(weight_dtype, n, k, m):
                 f"same row computed with the others")
 
 
+@contextlib.contextmanager
+def avx512_allowed(allowed: bool):
+    """Run the block with the AVX-512 code allowed or not, then allow it again."""
+    kernels.set_avx512(allowed)
+    try:
+        yield
+    finally:
+        kernels.set_avx512(True)
+
+
+needs_avx512 = pytest.mark.skipif(
+    not (kernels.available() and kernels.uses_avx512()),
+    reason="the CPU has no AVX-512F/DQ, so the linear layers run no AVX-512 code here",
+)
+
+
+@needs_kernels
+def test_set_avx512_switches_the_code():
+    with avx512_allowed(False):
+        assert not kernels.uses_avx512()
+    with pytest.raises(ValueError, match="True or False"):
+        kernels.set_avx512(1)
+
+
+@needs_avx512
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
+@settings(**PROPERTY_SETTINGS)
+@given(
+    # At least GEMM_MIN_ROWS = 4 rows of x, so the matrix-matrix structure runs. M up to
+    # 300 gives blocks of 96 W rows and a last block of any size, odd ones included.
+    shape=st.tuples(st.integers(4, 24), st.one_of(st.integers(0, 40), st.integers(500, 1100)),
+                    st.integers(1, 300)),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_linear_avx512_same_bits_as_avx2(weight_dtype, shape, seed):
+    n, k, m = shape
+    x, w, _, bias, _ = make_linear_case(seed, n, k, m, weight_dtype, "float32")
+    with thread_count(2):
+        wide = kernels.linear(x, w, bias)
+        with avx512_allowed(False):
+            narrow = kernels.linear(x, w, bias)
+    assert np.array_equal(wide, narrow), (
+        f"linear {weight_dtype} N={n} K={k} M={m}: the AVX-512 and AVX2 codes differ in "
+        f"{int((wide != narrow).sum())} of {wide.size} elements")
+
+
 # ---------------------------------------------------------------------------
 # RG-LRU scan
 # ---------------------------------------------------------------------------

@@ -609,7 +609,9 @@ def machine_info() -> dict:
     try:
         from rgref import kernels
         info["kernels"] = (f"built, OpenMP {'on' if kernels.has_openmp() else 'off'}, "
-                           f"AVX2 code {'used' if kernels.uses_avx2() else 'not used'}"
+                           f"AVX2 code {'used' if kernels.uses_avx2() else 'not used'}, "
+                           f"AVX-512 prompt code "
+                           f"{'used' if kernels.uses_avx512() else 'not used'}"
                            if kernels.available() else kernels.unavailable_reason())
     except ImportError as e:
         info["kernels"] = f"not importable: {e}"
