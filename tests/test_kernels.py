@@ -565,8 +565,9 @@ def make_block_diagonal_case(seed, n, heads, width, weight_dtype, with_bias):
 @given(
     n=st.integers(1, 20),
     heads=st.integers(1, 4),
-    # Multiples of 16 take the AVX2 tiles; other widths the portable ones.
-    width=st.one_of(st.sampled_from([16, 32, 48]), st.integers(1, 40)),
+    # Multiples of 16 take the AVX2 tiles, and with N < 4 multiples of 64 the one-row
+    # tiles of 64 columns; other widths take the portable ones.
+    width=st.one_of(st.sampled_from([16, 32, 48, 64, 128]), st.integers(1, 40)),
     with_bias=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
 )
