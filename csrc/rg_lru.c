@@ -53,10 +53,16 @@ static inline float softplus(float z) {
     return log1pf(expf(z));
 }
 
+void rgref_softplus(const float *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        y[i] = softplus(x[i]);
+    }
+}
+
 int rgref_rg_lru_scan_naive(const float *x, const float *gate_x_pre,
                             const float *gate_a_pre, const float *a_param,
-                            const int32_t *segment_pos, float *h, float *y, int64_t batch,
-                            int64_t time, int64_t width) {
+                            const float *softplus_a, const int32_t *segment_pos, float *h,
+                            float *y, int64_t batch, int64_t time, int64_t width) {
     for (int64_t b = 0; b < batch; b++) {
         for (int64_t t = 0; t < time; t++) {
             int document_start = segment_pos[b * time + t] == 0;
@@ -64,7 +70,8 @@ int rgref_rg_lru_scan_naive(const float *x, const float *gate_x_pre,
                 int64_t i = (b * time + t) * width + e;
                 float gate_x = sigmoid(gate_x_pre[i]);
                 float gate_a = sigmoid(gate_a_pre[i]);
-                float log_a = -RG_LRU_C * gate_a * softplus(a_param[e]);
+                float softplus_e = softplus_a != NULL ? softplus_a[e] : softplus(a_param[e]);
+                float log_a = -RG_LRU_C * gate_a * softplus_e;
                 float a = expf(log_a);
                 float multiplier = sqrtf(1.0f - expf(2.0f * log_a));
                 if (document_start) {
@@ -185,20 +192,23 @@ typedef void (*rg_lru_range_fn)(const float *, const float *, const float *, con
                                 const int32_t *, float *, float *, int64_t, int64_t,
                                 int64_t, int64_t, int64_t);
 
-/* Return 0, or -1 when the softplus(a_param) buffer cannot be allocated. */
+/* Return 0, or -1 when softplus_a is NULL and its buffer cannot be allocated. */
 static int rg_lru_scan_parallel(rg_lru_range_fn scan_range, const float *x,
                                 const float *gate_x_pre, const float *gate_a_pre,
-                                const float *a_param, const int32_t *segment_pos, float *h,
-                                float *y, int64_t batch, int64_t time, int64_t width) {
+                                const float *a_param, const float *softplus_a,
+                                const int32_t *segment_pos, float *h, float *y,
+                                int64_t batch, int64_t time, int64_t width) {
     if (batch == 0 || width == 0) {
         return 0;
     }
-    float *softplus_a = malloc((size_t)width * sizeof(float));
+    float *computed = NULL;
     if (softplus_a == NULL) {
-        return -1;
-    }
-    for (int64_t e = 0; e < width; e++) {
-        softplus_a[e] = softplus(a_param[e]);
+        computed = malloc((size_t)width * sizeof(float));
+        if (computed == NULL) {
+            return -1;
+        }
+        rgref_softplus(a_param, computed, width);
+        softplus_a = computed;
     }
 
     /* About one range per thread: split each batch row into enough ranges that
@@ -223,28 +233,29 @@ static int rg_lru_scan_parallel(rg_lru_range_fn scan_range, const float *x,
         scan_range(x, gate_x_pre, gate_a_pre, softplus_a, segment_pos, h, y, time, width, b,
                    e_begin, e_end);
     }
-    free(softplus_a);
+    free(computed);
     return 0;
 }
 
 int rgref_rg_lru_scan_portable(const float *x, const float *gate_x_pre,
                                const float *gate_a_pre, const float *a_param,
-                               const int32_t *segment_pos, float *h, float *y,
-                               int64_t batch, int64_t time, int64_t width) {
+                               const float *softplus_a, const int32_t *segment_pos, float *h,
+                               float *y, int64_t batch, int64_t time, int64_t width) {
     return rg_lru_scan_parallel(rg_lru_scan_range_portable, x, gate_x_pre, gate_a_pre,
-                                a_param, segment_pos, h, y, batch, time, width);
+                                a_param, softplus_a, segment_pos, h, y, batch, time, width);
 }
 
 int rgref_rg_lru_scan(const float *x, const float *gate_x_pre, const float *gate_a_pre,
-                      const float *a_param, const int32_t *segment_pos, float *h, float *y,
-                      int64_t batch, int64_t time, int64_t width) {
+                      const float *a_param, const float *softplus_a,
+                      const int32_t *segment_pos, float *h, float *y, int64_t batch,
+                      int64_t time, int64_t width) {
     rg_lru_range_fn scan_range = rg_lru_scan_range_portable;
 #if RGREF_HAVE_AVX2_CODE
     if (rgref_uses_avx2()) {
         scan_range = rg_lru_scan_range_avx2;
     }
 #endif
-    return rg_lru_scan_parallel(scan_range, x, gate_x_pre, gate_a_pre, a_param, segment_pos,
-                                h, y, batch, time, width);
+    return rg_lru_scan_parallel(scan_range, x, gate_x_pre, gate_a_pre, a_param, softplus_a,
+                                segment_pos, h, y, batch, time, width);
 }
 

@@ -48,19 +48,27 @@ int rgref_uses_avx512(void);
  * h: [B, E], the incoming state, overwritten with the state after the last step.
  * gate_x_pre and gate_a_pre are the gate projections before the sigmoid.
  * segment_pos == 0 marks a document start, where the state resets.
+ * softplus_a: [E], softplus(a_param) as rgref_softplus computes it, or NULL to compute
+ * it here. Decoding passes it because E softplus evaluations cost more than a one-step
+ * scan.
  * Returns 0, or -1 when a scratch buffer of E floats cannot be allocated (y and h are
  * then unchanged). */
 int rgref_rg_lru_scan(const float *x, const float *gate_x_pre, const float *gate_a_pre,
-                      const float *a_param, const int32_t *segment_pos, float *h, float *y,
-                      int64_t batch, int64_t time, int64_t width);
+                      const float *a_param, const float *softplus_a,
+                      const int32_t *segment_pos, float *h, float *y, int64_t batch,
+                      int64_t time, int64_t width);
 int rgref_rg_lru_scan_portable(const float *x, const float *gate_x_pre,
                                const float *gate_a_pre, const float *a_param,
-                               const int32_t *segment_pos, float *h, float *y,
-                               int64_t batch, int64_t time, int64_t width);
+                               const float *softplus_a, const int32_t *segment_pos, float *h,
+                               float *y, int64_t batch, int64_t time, int64_t width);
 int rgref_rg_lru_scan_naive(const float *x, const float *gate_x_pre,
                             const float *gate_a_pre, const float *a_param,
-                            const int32_t *segment_pos, float *h, float *y, int64_t batch,
+                            const float *softplus_a, const int32_t *segment_pos, float *h,
+                            float *y, int64_t batch,
                             int64_t time, int64_t width);
+
+/* y[i] = softplus(x[i]) = log(1 + exp(x[i])) for n floats, as the RG-LRU scan uses it. */
+void rgref_softplus(const float *x, float *y, int64_t n);
 
 /* Linear layer: y[N, M] = x[N, K] @ w[M, K]^T + bias[M].
  *

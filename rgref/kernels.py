@@ -7,8 +7,9 @@ every kernel call raises RuntimeError.
 
 Kernels: `rg_lru_scan`, `linear`, `block_diagonal_linear` (the RG-LRU gate
 projections), `local_attention` (a chunk of queries over itself and the
-key/value cache), `conv1d`, `gelu_tanh` and `soft_cap`. Each comes in three variants,
-chosen with `variant=`:
+key/value cache), `conv1d`, `gelu_tanh` and `soft_cap`. `softplus` computes the
+decay parameter that `rg_lru_scan` can reuse across calls. Each kernel comes in
+three variants, chosen with `variant=`:
   "fast"      AVX2+FMA code when the CPU supports it, else the portable code;
               runs on `get_num_threads()` OpenMP threads. For prompts, `linear`
               runs AVX-512 code where the CPU has it (`uses_avx512()`), with
@@ -175,6 +176,7 @@ def rg_lru_scan(
     segment_pos: np.ndarray,
     h: np.ndarray,
     *,
+    softplus_a: np.ndarray | None = None,
     variant: str = "fast",
 ) -> np.ndarray:
     """Run the RG-LRU over T steps; return y (B, T, E) and update `h` in place.
@@ -184,6 +186,9 @@ def rg_lru_scan(
     a_param: float32 (E,), the stored parameter: log a = -8 * gate_a * softplus(a_param).
     segment_pos: int32 (B, T): 0 starts a document (the state resets), -1 is padding.
     h: float32 (B, E), the state before the first step, overwritten with the last state.
+    softplus_a: float32 (E,), `softplus(a_param)` computed once for the layer, or None
+      to compute it in the call. Decoding passes it: at T = 1 the E softplus
+      evaluations take longer than the scan. The result has the same bits either way.
     """
     _check_variant(variant)
     _check_array("x", x, np.float32, 3)
@@ -197,7 +202,11 @@ def rg_lru_scan(
     _check_shape("segment_pos", segment_pos, (batch, time), "(B, T)")
     _check_array("h", h, np.float32, 2, writeable=True)
     _check_shape("h", h, (batch, width), "(B, E)")
-    if any(np.may_share_memory(h, other) for other in (x, gate_x_pre, gate_a_pre, a_param)):
+    if softplus_a is not None:
+        _check_array("softplus_a", softplus_a, np.float32, 1)
+        _check_shape("softplus_a", softplus_a, (width,), "(E,)")
+    inputs = (x, gate_x_pre, gate_a_pre, a_param) + (() if softplus_a is None else (softplus_a,))
+    if any(np.may_share_memory(h, other) for other in inputs):
         raise ValueError("h must not share memory with the other inputs: it is updated in place")
 
     module = _library()
@@ -213,6 +222,7 @@ def rg_lru_scan(
         _pointer(ffi, "float[]", gate_x_pre),
         _pointer(ffi, "float[]", gate_a_pre),
         _pointer(ffi, "float[]", a_param),
+        ffi.NULL if softplus_a is None else _pointer(ffi, "float[]", softplus_a),
         _pointer(ffi, "int32_t[]", segment_pos),
         _pointer(ffi, "float[]", h),
         _pointer(ffi, "float[]", y),
@@ -223,6 +233,19 @@ def rg_lru_scan(
     if status != 0:
         raise MemoryError(f"rg_lru_scan could not allocate its scratch buffer of {width} floats")
     return y
+
+
+def softplus(a_param: np.ndarray) -> np.ndarray:
+    """Return softplus(a_param) = log(1 + exp(a_param)) as `rg_lru_scan` computes it.
+
+    a_param: float32 (E,). Pass the result as `rg_lru_scan(..., softplus_a=)`.
+    """
+    _check_array("a_param", a_param, np.float32, 1)
+    module = _library()
+    result = np.empty_like(a_param)
+    module.lib.rgref_softplus(_pointer(module.ffi, "float[]", a_param),
+                              _pointer(module.ffi, "float[]", result), a_param.shape[0])
+    return result
 
 
 # ---------------------------------------------------------------------------

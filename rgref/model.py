@@ -129,6 +129,8 @@ class Model:
         self._widened = {name: to_compute_dtype(value, dtype)
                          for name, value in self.params.items()
                          if value.ndim == 1 or name.endswith("conv_1d.weight")}
+        # softplus(a_param) of each RG-LRU layer for the C kernel, computed on first use.
+        self._softplus_a: dict[str, np.ndarray] = {}
 
     def __repr__(self) -> str:
         c = self.config
@@ -136,6 +138,15 @@ class Model:
                          for value in self.params.values()})
         return (f"Model(width={c.width}, blocks={c.num_blocks}, vocab={c.vocab_size}, "
                 f"weights={'/'.join(stored)}, compute={self.dtype})")
+
+    def _kernel_softplus_a(self, prefix: str) -> np.ndarray:
+        """Return softplus(a_param) of the RG-LRU in block `prefix`, for the C scan."""
+        if prefix not in self._softplus_a:
+            from rgref import kernels
+            a_param = self._weight(prefix + "rg_lru.recurrent_param")
+            self._softplus_a[prefix] = kernels.softplus(
+                np.ascontiguousarray(a_param, np.float32))
+        return self._softplus_a[prefix]
 
     def _weight(self, name: str) -> np.ndarray:
         if name in self._widened:
@@ -362,7 +373,8 @@ class Model:
             # The gate kernels read float32 and bfloat16 weights in place.
             lru = [self._weight(p + "rg_lru." + name) if name.endswith(("bias", "param"))
                    else _kernel_weight(w[p + "rg_lru." + name]) for name in lru_names]
-            x = _rg_lru_kernel(x, segment_pos, *lru, state, record)
+            x = _rg_lru_kernel(x, segment_pos, *lru, self._kernel_softplus_a(p), state,
+                               record)
         else:
             lru = [self._weight(p + "rg_lru." + name) for name in lru_names]
             x, state.rg_lru_state = layers.rg_lru(x, segment_pos, *lru,
@@ -564,8 +576,8 @@ def _check_backend(backend: str) -> None:
 
 
 def _rg_lru_kernel(x, segment_pos, a_param, input_gate_weight, input_gate_bias,
-                   recurrent_gate_weight, recurrent_gate_bias, state: RecurrentState,
-                   record: dict | None) -> np.ndarray:
+                   recurrent_gate_weight, recurrent_gate_bias, softplus_a: np.ndarray,
+                   state: RecurrentState, record: dict | None) -> np.ndarray:
     """`layers.rg_lru` on the C kernels: the gate projections, then the gates, decay and
     scan fused in one kernel. Weights may be float32 or bfloat16 bits."""
     from rgref import kernels
@@ -581,7 +593,8 @@ def _rg_lru_kernel(x, segment_pos, a_param, input_gate_weight, input_gate_bias,
         record["rg_lru.a"] = np.exp(-layers.RG_LRU_C * gate_a * layers.softplus(a_param))
     # The kernel updates the state in place; the cache owns this array.
     y = kernels.rg_lru_scan(x, gate_x_pre, gate_a_pre, np.ascontiguousarray(a_param),
-                            segment_pos.astype(np.int32), state.rg_lru_state)
+                            segment_pos.astype(np.int32), state.rg_lru_state,
+                            softplus_a=softplus_a)
     _put(record, "rg_lru.output", y)
     return y
 

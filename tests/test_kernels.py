@@ -494,6 +494,32 @@ def test_rg_lru_scan_threads_same_bits(variant, batch, time, width):
 
 @needs_kernels
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
+@pytest.mark.parametrize("extreme", [False, True])
+def test_rg_lru_scan_given_softplus_same_bits(variant, extreme):
+    # Decoding computes softplus(a_param) once per layer and passes it to every call.
+    x, gate_x_pre, gate_a_pre, a_param, segment_pos, h0 = make_rg_lru_case(
+        23, 2, 9, 300, 0.1, True, extreme)
+    softplus_a = kernels.softplus(a_param)
+    # expf and log1pf are each within a few units in the last place, and so is their
+    # composition relative to the result.
+    expected = np.logaddexp(0.0, a_param.astype(np.float64))
+    assert_within_bound(softplus_a, expected, 4 * U * expected, "kernels.softplus")
+    h_computed, h_given = h0.copy(), h0.copy()
+    computed = kernels.rg_lru_scan(x, gate_x_pre, gate_a_pre, a_param, segment_pos,
+                                   h_computed, variant=variant)
+    given = kernels.rg_lru_scan(x, gate_x_pre, gate_a_pre, a_param, segment_pos, h_given,
+                                softplus_a=softplus_a, variant=variant)
+    assert np.array_equal(computed, given), (
+        f"rg_lru_scan {variant}: y differs with softplus_a given")
+    assert np.array_equal(h_computed, h_given), (
+        f"rg_lru_scan {variant}: h differs with softplus_a given")
+    with pytest.raises(ValueError, match=r"softplus_a has shape \(299,\)"):
+        kernels.rg_lru_scan(x, gate_x_pre, gate_a_pre, a_param, segment_pos, h0.copy(),
+                            softplus_a=softplus_a[1:], variant=variant)
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
 def test_rg_lru_scan_chunks_continue_state(variant):
     # Scanning T steps at once or in two calls that pass h along gives the same bits.
     x, gate_x_pre, gate_a_pre, a_param, segment_pos, h0 = make_rg_lru_case(
