@@ -162,4 +162,13 @@ void rgref_soft_cap(const float *x, float cap, float *y, int64_t n);
 void rgref_soft_cap_portable(const float *x, float cap, float *y, int64_t n);
 void rgref_soft_cap_naive(const float *x, float cap, float *y, int64_t n);
 
+/* RMS normalization of each row of x [rows, width]:
+ * y = x / sqrt(mean(x^2) + eps) * (1 + scale), scale: [width]. y must not overlap x. */
+void rgref_rms_norm(const float *x, const float *scale, float eps, float *y, int64_t rows,
+                    int64_t width);
+void rgref_rms_norm_portable(const float *x, const float *scale, float eps, float *y,
+                             int64_t rows, int64_t width);
+void rgref_rms_norm_naive(const float *x, const float *scale, float eps, float *y,
+                          int64_t rows, int64_t width);
+
 #endif /* RGREF_KERNELS_H */

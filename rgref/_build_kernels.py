@@ -39,7 +39,7 @@ HEADER = SOURCE_DIR / "rgref_kernels.h"
 # that measure the error of the vectorised exp and tanh, not part of the module.
 SOURCES = [SOURCE_DIR / name for name in (
     "threads.c", "rg_lru.c", "linear.c", "block_diagonal.c", "attention.c", "conv1d.c",
-    "elementwise.c",
+    "elementwise.c", "rms_norm.c",
 )]
 INTERNAL_HEADERS = [SOURCE_DIR / "kernels_common.h"]
 

@@ -7,9 +7,9 @@ every kernel call raises RuntimeError.
 
 Kernels: `rg_lru_scan`, `linear`, `block_diagonal_linear` (the RG-LRU gate
 projections), `local_attention` (a chunk of queries over itself and the
-key/value cache), `conv1d`, `gelu_tanh` and `soft_cap`. `softplus` computes the
-decay parameter that `rg_lru_scan` can reuse across calls. Each kernel comes in
-three variants, chosen with `variant=`:
+key/value cache), `conv1d`, `gelu_tanh`, `soft_cap` and `rms_norm`. `softplus`
+computes the decay parameter that `rg_lru_scan` can reuse across calls. Each
+kernel comes in three variants, chosen with `variant=`:
   "fast"      AVX2+FMA code when the CPU supports it, else the portable code;
               runs on `get_num_threads()` OpenMP threads. For prompts, `linear`
               runs AVX-512 code where the CPU has it (`uses_avx512()`), with
@@ -520,6 +520,38 @@ def gelu_tanh(x: np.ndarray, up: np.ndarray | None = None, *, variant: str = "fa
     }[variant]
     kernel(_pointer(ffi, "float[]", x), ffi.NULL if up is None else _pointer(ffi, "float[]", up),
            _pointer(ffi, "float[]", out), x.size)
+    return out
+
+
+def rms_norm(x: np.ndarray, scale: np.ndarray, eps: float, *,
+             variant: str = "fast") -> np.ndarray:
+    """Return x / sqrt(mean(x**2, axis=-1) + eps) * (1 + scale): float32 of x's shape.
+
+    x: float32 (..., D), C-contiguous. scale: float32 (D,), the stored offset from 1.
+    eps: a non-negative float. The same formula as `layers.rms_norm`, with the sum of
+    squares in another order, so the two agree to a few units in the last place.
+    """
+    _check_variant(variant)
+    if not isinstance(x, np.ndarray) or x.ndim < 1:
+        raise ValueError(f"x must be a numpy.ndarray with at least 1 dimension, got "
+                         f"{type(x).__name__} with shape {getattr(x, 'shape', None)}")
+    _check_array("x", x, np.float32, x.ndim)
+    _check_array("scale", scale, np.float32, 1)
+    _check_shape("scale", scale, x.shape[-1:], "(D,), D = x.shape[-1]")
+    if not (isinstance(eps, (int, float, np.floating)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a non-negative finite number, got {eps!r}")
+    out = np.empty(x.shape, dtype=np.float32)
+    width = x.shape[-1]
+    rows = x.size // width if width else 0
+    module = _library()
+    ffi = module.ffi
+    kernel = {
+        "fast": module.lib.rgref_rms_norm,
+        "portable": module.lib.rgref_rms_norm_portable,
+        "naive": module.lib.rgref_rms_norm_naive,
+    }[variant]
+    kernel(_pointer(ffi, "float[]", x), _pointer(ffi, "float[]", scale), float(eps),
+           _pointer(ffi, "float[]", out), rows, width)
     return out
 
 

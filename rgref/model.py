@@ -280,7 +280,7 @@ class Model:
 
         if logits == "last":
             x = x[:, -1:]                                               # (B, 1, D)
-        x = layers.rms_norm(x, self._weight(FINAL_NORM), c.rms_norm_eps)
+        x = self._rms_norm(x, FINAL_NORM, backend)
         _put(record, "final_norm", x)
         output = self._unembed(x, linear, backend)                      # (B, T, V)
         _put(record, "logits_before_soft_cap", output)
@@ -303,14 +303,22 @@ class Model:
 
     # ------------------------------------------------------- residual block
 
+    def _rms_norm(self, x: np.ndarray, scale_name: str, backend: str) -> np.ndarray:
+        """`layers.rms_norm` with the scale `scale_name`, on the C kernel for backend "c"."""
+        eps = self.config.rms_norm_eps
+        if backend == "c":
+            from rgref import kernels
+            return kernels.rms_norm(np.ascontiguousarray(x, np.float32),
+                                    self._weight(scale_name), eps)
+        return layers.rms_norm(x, self._weight(scale_name), eps)
+
     def _residual_block(self, i: int, kind: str, x, segment_pos, docs, cache: Cache,
                         linear: Callable, backend: str, record: dict | None) -> np.ndarray:
         """h = x + temporal(rms_norm(x)); out = h + mlp(rms_norm(h))."""
         p = block_prefix(i)
-        eps = self.config.rms_norm_eps
         _put(record, "input", x)
 
-        normed = layers.rms_norm(x, self._weight(p + "temporal_pre_norm.weight"), eps)
+        normed = self._rms_norm(x, p + "temporal_pre_norm.weight", backend)
         _put(record, "temporal_pre_norm", normed)
         if kind == RECURRENT:
             temporal = self._recurrent_block(p + "temporal_block.", normed, segment_pos,
@@ -323,7 +331,7 @@ class Model:
         h = x + temporal
         _put(record, "residual", h)
 
-        normed = layers.rms_norm(h, self._weight(p + "channel_pre_norm.weight"), eps)
+        normed = self._rms_norm(h, p + "channel_pre_norm.weight", backend)
         _put(record, "channel_pre_norm", normed)
         m = {name: self._weight(p + "mlp_block." + name) if name.endswith("bias")
              else self.params[p + "mlp_block." + name] for name in (

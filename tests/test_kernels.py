@@ -940,6 +940,110 @@ def test_conv1d_rejects_invalid_input(name, value, message):
 
 
 # ---------------------------------------------------------------------------
+# RMS normalization
+# ---------------------------------------------------------------------------
+
+
+def gamma(n):
+    """Higham's gamma(n) = n U / (1 - n U), the error factor of n float32 roundings."""
+    return n * U / (1 - n * U)
+
+
+def rms_norm_oracle(x, scale, eps):
+    """Return rms_norm in float64 and a bound on the float32 error of any kernel.
+
+    The sum of D squares, in any order, is within gamma(D + 1) of the exact sum relative
+    to it (all terms are positive). The mean and the addition of eps add 2 U, and the
+    square root halves the relative error and adds U/2. The division by it adds U, and
+    (1 + scale) and the product 2 U: 1 + scale is exact for scale in [-2, -0.5], and
+    otherwise |1 + scale| >= 0.5. So |error| <= (gamma(D + 1) / 2 + 6 U) |result|, doubled
+    for the second-order terms.
+    """
+    x64 = x.astype(np.float64)
+    rms = np.sqrt(np.mean(x64**2, axis=-1, keepdims=True) + eps)
+    expected = x64 / rms * (1 + scale.astype(np.float64))
+    bound = 2 * (gamma(x.shape[-1] + 1) / 2 + 6 * U) * np.abs(expected)
+    return expected, bound
+
+
+def make_rms_norm_case(seed, rows, width, scale_of_x):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, width)) * scale_of_x).astype(np.float32)
+    scale = rng.standard_normal(width).astype(np.float32)
+    return x, scale
+
+
+@needs_kernels
+@settings(**PROPERTY_SETTINGS)
+@given(
+    rows=st.integers(1, 6),
+    width=st.one_of(st.integers(1, 40), st.integers(1000, 3000)),
+    scale_of_x=st.sampled_from([1e-4, 1.0, 30.0, 1e4]),
+    eps=st.sampled_from([1e-6, 0.0, 0.5]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_rms_norm_matches_float64_oracle(rows, width, scale_of_x, eps, seed):
+    x, scale = make_rms_norm_case(seed, rows, width, scale_of_x)
+    expected, bound = rms_norm_oracle(x, scale, eps)
+    results = {}
+    for variant in ALL_VARIANTS:
+        y = kernels.rms_norm(x, scale, eps, variant=variant)
+        assert y.dtype == np.float32
+        assert_within_bound(y, expected, bound,
+                            f"rms_norm {variant} rows={rows} D={width} eps={eps}")
+        results[variant] = y
+    assert np.array_equal(results["fast"], results["portable"]), (
+        "rms_norm: the fast and portable kernels differ")
+    # The NumPy layer in float32 sums the squares in another order, within the same bound.
+    assert_within_bound(layers.rms_norm(x, scale, eps), expected, bound,
+                        f"layers.rms_norm rows={rows} D={width} eps={eps}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", FAST_VARIANTS)
+def test_rms_norm_threads_same_bits(variant):
+    # 64 x 2563 elements: above the 2**16 below which the kernel uses one thread, with a
+    # width that is not a multiple of 8.
+    x, scale = make_rms_norm_case(9, 64, 2563, 3.0)
+    expected, bound = rms_norm_oracle(x, scale, 1e-6)
+    together = check_at_each_thread_count(
+        lambda: kernels.rms_norm(x, scale, 1e-6, variant=variant), expected, bound,
+        f"rms_norm {variant} 64 x 2563")
+    alone = kernels.rms_norm(x[5:6], scale, 1e-6, variant=variant)
+    assert np.array_equal(alone[0], together[5]), "rms_norm: a row alone differs"
+
+
+@needs_kernels
+def test_rms_norm_leading_dims_and_zeros():
+    x, scale = make_rms_norm_case(4, 6, 20, 1.0)
+    x[2] = 0.0
+    y = kernels.rms_norm(x.reshape(2, 3, 20), scale, 1e-6)
+    assert y.shape == (2, 3, 20)
+    assert np.array_equal(y.reshape(6, 20), kernels.rms_norm(x, scale, 1e-6))
+    assert np.array_equal(y.reshape(6, 20)[2], np.zeros(20, np.float32))
+    assert kernels.rms_norm(np.zeros((0, 20), np.float32), scale, 1e-6).shape == (0, 20)
+
+
+RMS_NORM_INVALID_CALLS = [
+    (lambda: kernels.rms_norm(np.zeros((2, 3)), np.zeros(3, np.float32), 1e-6),
+     "x must have dtype float32"),
+    (lambda: kernels.rms_norm(np.zeros((2, 3), np.float32), np.zeros(4, np.float32), 1e-6),
+     r"scale has shape \(4,\), expected \(3,\)"),
+    (lambda: kernels.rms_norm(np.zeros((2, 3), np.float32), np.zeros(3, np.float32), -1.0),
+     "eps must be a non-negative finite number"),
+    (lambda: kernels.rms_norm(np.zeros((3, 2), np.float32).T, np.zeros(3, np.float32), 1e-6),
+     "x must be C-contiguous"),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("call, message", RMS_NORM_INVALID_CALLS)
+def test_rms_norm_rejects_invalid_input(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# ---------------------------------------------------------------------------
 # Elementwise: GELU and the logit soft cap
 # ---------------------------------------------------------------------------
 

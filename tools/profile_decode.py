@@ -29,8 +29,10 @@ import rgref                               # noqa: E402
 from rgref import kernels, layers          # noqa: E402
 
 GB = 1e9
+# The C path calls kernels.rms_norm and the NumPy path layers.rms_norm: both count as
+# "rms_norm".
 TIMED_KERNELS = ("linear", "block_diagonal_linear", "rg_lru_scan", "local_attention",
-                 "gelu_tanh", "soft_cap", "conv1d")
+                 "gelu_tanh", "soft_cap", "conv1d", "rms_norm")
 TIMED_LAYERS = ("rms_norm", "apply_rope")
 
 
