@@ -6,7 +6,8 @@
  *
  * Floating point: the build uses -O3 with IEEE semantics (no -ffast-math) and
  * -ffp-contract=off, so the compiler never fuses a multiply and an add on its own.
- * Fused multiply-adds appear only where the code calls _mm256_fmadd_ps.
+ * Fused multiply-adds appear only where the code calls an FMA intrinsic
+ * (_mm256_fmadd_ps, _mm256_fnmadd_ps or _mm512_fmadd_ps).
  */
 #ifndef RGREF_KERNELS_COMMON_H
 #define RGREF_KERNELS_COMMON_H

@@ -88,7 +88,8 @@ def uses_avx2() -> bool:
 def uses_avx512() -> bool:
     """Return whether the "fast" linear layers run AVX-512 code for prompts.
 
-    That needs a CPU with AVX-512F and AVX-512DQ, and `set_avx512` not to forbid it.
+    That needs a build with the AVX2 code (x86-64 with GCC or Clang), a CPU with
+    AVX-512F and AVX-512DQ, and `set_avx512` not to forbid it.
     The AVX-512 code multiplies and adds in the same order as the AVX2 code, so the
     results are bitwise the same.
     """
@@ -538,8 +539,13 @@ def rms_norm(x: np.ndarray, scale: np.ndarray, eps: float, *,
     _check_array("x", x, np.float32, x.ndim)
     _check_array("scale", scale, np.float32, 1)
     _check_shape("scale", scale, x.shape[-1:], "(D,), D = x.shape[-1]")
-    if not (isinstance(eps, (int, float, np.floating)) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a non-negative finite number, got {eps!r}")
+    # eps goes to C as a float32, so it must fit one.
+    largest = float(np.finfo(np.float32).max)
+    if (isinstance(eps, (bool, np.bool_))
+            or not isinstance(eps, (int, float, np.integer, np.floating))
+            or not 0 <= float(eps) <= largest):
+        raise ValueError(f"eps must be a number from 0 to the largest float32 "
+                         f"({largest:.4g}), got {eps!r}")
     out = np.empty(x.shape, dtype=np.float32)
     width = x.shape[-1]
     rows = x.size // width if width else 0

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import re
 import signal
 import subprocess
@@ -314,7 +315,7 @@ def test_no_prompt_at_terminal_starts_a_document(checkpoint, monkeypatch, capsys
 def test_kaggle_file_with_preset(checkpoint, tmp_path):
     """A .pt checkpoint whose shapes match no preset loads with --preset."""
     fixtures = os.path.join(REPO, "tests", "data", "torch")
-    (tmp_path / "2b.pt").write_bytes(open(os.path.join(fixtures, "griffin_tiny.pt"), "rb").read())
+    (tmp_path / "2b.pt").write_bytes(pathlib.Path(fixtures, "griffin_tiny.pt").read_bytes())
     (tmp_path / "tokenizer.model").write_bytes((checkpoint / "tokenizer.model").read_bytes())
     assert_one_line_error(run("hi", "--model", str(tmp_path)), "pass the preset")
     # With the preset the checkpoint loads; this tiny fixture's 32-token vocabulary is then

@@ -291,8 +291,10 @@ needs_avx512 = pytest.mark.skipif(
 
 @needs_kernels
 def test_set_avx512_switches_the_code():
+    available = kernels.uses_avx512()
     with avx512_allowed(False):
         assert not kernels.uses_avx512()
+    assert kernels.uses_avx512() == available, "set_avx512(True) did not restore the code"
     with pytest.raises(ValueError, match="True or False"):
         kernels.set_avx512(1)
 
@@ -513,6 +515,11 @@ def test_rg_lru_scan_given_softplus_same_bits(variant, extreme):
         f"rg_lru_scan {variant}: y differs with softplus_a given")
     assert np.array_equal(h_computed, h_given), (
         f"rg_lru_scan {variant}: h differs with softplus_a given")
+    h_doubled = h0.copy()
+    doubled = kernels.rg_lru_scan(x, gate_x_pre, gate_a_pre, a_param, segment_pos, h_doubled,
+                                  softplus_a=2 * softplus_a, variant=variant)
+    assert not np.array_equal(doubled, given), (
+        f"rg_lru_scan {variant}: a different softplus_a left y unchanged")
     with pytest.raises(ValueError, match=r"softplus_a has shape \(299,\)"):
         kernels.rg_lru_scan(x, gate_x_pre, gate_a_pre, a_param, segment_pos, h0.copy(),
                             softplus_a=softplus_a[1:], variant=variant)
@@ -1030,7 +1037,12 @@ RMS_NORM_INVALID_CALLS = [
     (lambda: kernels.rms_norm(np.zeros((2, 3), np.float32), np.zeros(4, np.float32), 1e-6),
      r"scale has shape \(4,\), expected \(3,\)"),
     (lambda: kernels.rms_norm(np.zeros((2, 3), np.float32), np.zeros(3, np.float32), -1.0),
-     "eps must be a non-negative finite number"),
+     "eps must be a number from 0 to the largest float32"),
+    # 1e300 would become inf as a float32, and True is not a number here.
+    (lambda: kernels.rms_norm(np.zeros((2, 3), np.float32), np.zeros(3, np.float32), 1e300),
+     "eps must be a number from 0 to the largest float32"),
+    (lambda: kernels.rms_norm(np.zeros((2, 3), np.float32), np.zeros(3, np.float32), True),
+     "eps must be a number from 0 to the largest float32"),
     (lambda: kernels.rms_norm(np.zeros((3, 2), np.float32).T, np.zeros(3, np.float32), 1e-6),
      "x must be C-contiguous"),
 ]

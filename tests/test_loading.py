@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -345,7 +346,7 @@ def test_load_torch_file_matches_official_logits():
 
 
 def test_load_kaggle_directory(tmp_path):
-    (tmp_path / "2b.pt").write_bytes(open(TINY_PT, "rb").read())
+    (tmp_path / "2b.pt").write_bytes(pathlib.Path(TINY_PT).read_bytes())
     tokens, expected = official_tiny_logits()
     model = rgref.load(tmp_path, preset="recurrentgemma-2b")
     assert_close(model.forward(tokens)[0], expected, "golden_float32", "directory with 2b.pt")
@@ -358,7 +359,7 @@ def test_load_torch_without_preset_explains(tmp_path):
 
 def test_directory_with_two_torch_files(tmp_path):
     for name in ("2b.pt", "2b-it.pt"):
-        (tmp_path / name).write_bytes(open(TINY_PT, "rb").read())
+        (tmp_path / name).write_bytes(pathlib.Path(TINY_PT).read_bytes())
     with pytest.raises(CheckpointError, match="several PyTorch checkpoints"):
         rgref.load(tmp_path)
 

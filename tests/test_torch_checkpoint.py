@@ -11,6 +11,7 @@ with zipfile and hand-written pickles.
 import functools
 import io
 import os
+import pathlib
 import pickle
 import subprocess
 import sys
@@ -243,7 +244,7 @@ def _error(path) -> str:
 
 
 def test_truncated_archive(tmp_path):
-    data = open(fixture_path("griffin_tiny.pt"), "rb").read()
+    data = pathlib.Path(fixture_path("griffin_tiny.pt")).read_bytes()
     target = tmp_path / "truncated.pt"
     target.write_bytes(data[:len(data) // 2])
     message = _error(target)

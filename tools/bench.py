@@ -725,10 +725,13 @@ def decode_bandwidth_limit(report: dict) -> tuple[float | None, str]:
     """Return the memory bandwidth (GB/s) that bounds the C path's batch-1 decode, and
     which measurement it comes from."""
     measured = report.get("bandwidth_around_decode") or {}
-    around = [field(measured, key, "gb_per_s") for key in ("before", "after")]
-    around = [value for value in around if value]
+    around = {key: field(measured, key, "gb_per_s") for key in ("before", "after")}
+    around = {key: value for key, value in around.items() if value}
+    if len(around) == 2:
+        return max(around.values()), "the higher of the bandwidths measured right before and after"
     if around:
-        return max(around), "the higher of the bandwidths measured right before and after"
+        (key, value), = around.items()
+        return value, f"measured right {key}; the other measurement failed"
     return (report.get("bandwidth") or {}).get("gb_per_s"), "measured at the start of the run"
 
 
