@@ -159,6 +159,11 @@ def _check_shape(name: str, array: np.ndarray, expected: tuple[int, ...], legend
         raise ValueError(f"{name} has shape {array.shape}, expected {expected} {legend}")
 
 
+def _variant_function(lib, name: str, variant: str):
+    """Return the C function `name` for "fast", else `name` with the variant as suffix."""
+    return getattr(lib, name if variant == "fast" else f"{name}_{variant}")
+
+
 def _pointer(ffi, ctype: str, array: np.ndarray):
     # from_buffer keeps `array` alive for as long as the pointer object lives.
     return ffi.from_buffer(ctype, array, require_writable=False)
@@ -212,11 +217,7 @@ def rg_lru_scan(
 
     module = _library()
     ffi = module.ffi
-    scan = {
-        "fast": module.lib.rgref_rg_lru_scan,
-        "portable": module.lib.rgref_rg_lru_scan_portable,
-        "naive": module.lib.rgref_rg_lru_scan_naive,
-    }[variant]
+    scan = _variant_function(module.lib, "rgref_rg_lru_scan", variant)
     y = np.empty_like(x)
     status = scan(
         _pointer(ffi, "float[]", x),
@@ -310,18 +311,10 @@ def linear(
     module = _library()
     ffi, lib = module.ffi, module.lib
     if is_bfloat16(w):
-        kernel = {
-            "fast": lib.rgref_linear_bf16,
-            "portable": lib.rgref_linear_bf16_portable,
-            "naive": lib.rgref_linear_bf16_naive,
-        }[variant]
+        kernel = _variant_function(lib, "rgref_linear_bf16", variant)
         w_pointer = _pointer(ffi, "uint16_t[]", w)
     else:
-        kernel = {
-            "fast": lib.rgref_linear_f32,
-            "portable": lib.rgref_linear_f32_portable,
-            "naive": lib.rgref_linear_f32_naive,
-        }[variant]
+        kernel = _variant_function(lib, "rgref_linear_f32", variant)
         w_pointer = _pointer(ffi, "float[]", w)
     bias_pointer = ffi.NULL if bias is None else _pointer(ffi, "float[]", bias)
     num_rows = math.prod(x.shape[:-1])
@@ -389,18 +382,10 @@ def block_diagonal_linear(
     module = _library()
     ffi, lib = module.ffi, module.lib
     if is_bfloat16(w):
-        kernel = {
-            "fast": lib.rgref_block_diagonal_linear_bf16,
-            "portable": lib.rgref_block_diagonal_linear_bf16_portable,
-            "naive": lib.rgref_block_diagonal_linear_bf16_naive,
-        }[variant]
+        kernel = _variant_function(lib, "rgref_block_diagonal_linear_bf16", variant)
         w_pointer = _pointer(ffi, "uint16_t[]", w)
     else:
-        kernel = {
-            "fast": lib.rgref_block_diagonal_linear_f32,
-            "portable": lib.rgref_block_diagonal_linear_f32_portable,
-            "naive": lib.rgref_block_diagonal_linear_f32_naive,
-        }[variant]
+        kernel = _variant_function(lib, "rgref_block_diagonal_linear_f32", variant)
         w_pointer = _pointer(ffi, "float[]", w)
     num_rows = math.prod(x.shape[:-1])
     kernel(
@@ -467,11 +452,7 @@ def local_attention(
 
     module = _library()
     ffi = module.ffi
-    kernel = {
-        "fast": module.lib.rgref_local_attention,
-        "portable": module.lib.rgref_local_attention_portable,
-        "naive": module.lib.rgref_local_attention_naive,
-    }[variant]
+    kernel = _variant_function(module.lib, "rgref_local_attention", variant)
     status = kernel(
         _pointer(ffi, "float[]", queries),
         _pointer(ffi, "float[]", keys),
@@ -514,11 +495,7 @@ def gelu_tanh(x: np.ndarray, up: np.ndarray | None = None, *, variant: str = "fa
     out = np.empty(x.shape, dtype=np.float32)
     module = _library()
     ffi = module.ffi
-    kernel = {
-        "fast": module.lib.rgref_gelu_tanh,
-        "portable": module.lib.rgref_gelu_tanh_portable,
-        "naive": module.lib.rgref_gelu_tanh_naive,
-    }[variant]
+    kernel = _variant_function(module.lib, "rgref_gelu_tanh", variant)
     kernel(_pointer(ffi, "float[]", x), ffi.NULL if up is None else _pointer(ffi, "float[]", up),
            _pointer(ffi, "float[]", out), x.size)
     return out
@@ -551,11 +528,7 @@ def rms_norm(x: np.ndarray, scale: np.ndarray, eps: float, *,
     rows = x.size // width if width else 0
     module = _library()
     ffi = module.ffi
-    kernel = {
-        "fast": module.lib.rgref_rms_norm,
-        "portable": module.lib.rgref_rms_norm_portable,
-        "naive": module.lib.rgref_rms_norm_naive,
-    }[variant]
+    kernel = _variant_function(module.lib, "rgref_rms_norm", variant)
     kernel(_pointer(ffi, "float[]", x), _pointer(ffi, "float[]", scale), float(eps),
            _pointer(ffi, "float[]", out), rows, width)
     return out
@@ -580,11 +553,7 @@ def soft_cap(x: np.ndarray, cap: float, *, out: np.ndarray | None = None,
             raise ValueError("out must be x itself or not share memory with it")
     module = _library()
     ffi = module.ffi
-    kernel = {
-        "fast": module.lib.rgref_soft_cap,
-        "portable": module.lib.rgref_soft_cap_portable,
-        "naive": module.lib.rgref_soft_cap_naive,
-    }[variant]
+    kernel = _variant_function(module.lib, "rgref_soft_cap", variant)
     kernel(_pointer(ffi, "float[]", x), float(cap), _pointer(ffi, "float[]", out), x.size)
     return out
 
