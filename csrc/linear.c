@@ -541,9 +541,9 @@ static RGREF_AVX2 void reorder_block_avx2(const void *w, int w_is_bf16, int64_t 
  *
  * A 16-float register contains the lane sums of one x row against two W rows: lanes 0-7
  * for the first and 8-15 for the second. So the block keeps W rows in pairs, with the
- * 8 columns of each step of the first row followed by the same 8 of the second:
- * pair q starts at block + q * 2 * depth, and column p (in lane order, a multiple of
- * LANES) of its rows at offsets 2 * p and 2 * p + LANES. Each x row's 8 columns are
+ * 8 columns of each step of the first row followed by the same 8 of the second. Pair q
+ * starts at block + q * 2 * depth. Column p of its rows (in lane order, a multiple of
+ * LANES) is at offsets 2 * p and 2 * p + LANES. Each x row's 8 columns are
  * loaded into both halves. So every lane sum meets the same products in the same order
  * as in the AVX2 tile, and the results are bitwise the same. The partial sums of rows j
  * and j + 1 are adjacent in `partial`, so the register stores and loads them whole.
